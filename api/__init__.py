@@ -1,0 +1,69 @@
+"""The inferq HTTP API: an OpenAI-compatible Flask app in front of the queue."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, request
+
+from api import errors
+from api.auth import KeyStore
+from api.db import Database
+from api.extensions import Services
+from api.gateway import Gateway
+from api.routes import completions, health, models
+from config import Settings, get_settings
+from queueing.celery_app import make_celery
+from queueing.connections import get_redis
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the API: settings, services, hooks, blueprints.
+
+    ``test_config`` overrides settings fields (as ``Settings(**test_config)``).
+    """
+    settings = Settings(**test_config) if test_config else get_settings()
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    db = Database(settings)
+    db.create_schema()
+    gateway = Gateway(settings, get_redis(settings.redis_url), make_celery(settings))
+    app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway)
+    if settings.placeholder_keys:
+        log.warning("API_KEYS holds %d placeholder or short key(s): replace them before exposing "
+                    "this server", len(settings.placeholder_keys))
+
+    _register_hooks(app, settings)
+    errors.register_error_handlers(app)
+    for blueprint in (health.bp, models.bp, completions.bp):
+        app.register_blueprint(blueprint)
+    return app
+
+
+def _register_hooks(app: Flask, settings: Settings) -> None:
+    @app.before_request
+    def _reject_oversize() -> Response | None:
+        # Before auth and before any parsing: the declared length is enough.
+        if (request.content_length or 0) > settings.max_request_bytes:
+            return errors.to_response(errors.error(
+                413, f"Request body too large: the limit is {settings.max_request_bytes} bytes.",
+                "invalid_request_error", "request_too_large"))
+        return None
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        response.headers.update(SECURITY_HEADERS)
+        if request.path.startswith("/v1/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response

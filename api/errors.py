@@ -1,0 +1,85 @@
+"""OpenAI-shaped errors: constructors for each status, and the Flask handlers
+that turn every HTTP error (404, 405, 413, 500 ...) into that shape."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from api.protocol import ErrorInfo, ErrorResponse
+from queueing import events
+
+log = logging.getLogger(__name__)
+
+
+def error(status: int, message: str, type_: str, code: str | None = None,
+          param: str | None = None, retry_after: int | None = None) -> ErrorResponse:
+    """An error value that a router turns into a response."""
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code),
+                         status_code=status, retry_after=retry_after)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return error(400, message, "invalid_request_error", code, param)
+
+
+def from_validation_error(exc: ValidationError) -> ErrorResponse:
+    """400 naming the first offending field, as OpenAI does."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return invalid_request(f"{message} (field: {param})" if param else message, param=param)
+
+
+def from_event(event: events.Error) -> ErrorResponse:
+    """The client-facing error for a job's ``error`` event."""
+    return error(event.status, event.message, event.error_type, event.code, event.param)
+
+
+def internal_error(exc: BaseException | None = None) -> ErrorResponse:
+    """500 with a reference id; details go to the log only."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error (ref %s)", ref, exc_info=exc)
+    return error(500, f"The server had an error while processing your request (ref {ref}).",
+                 "server_error")
+
+
+def unavailable(message: str, retry_after: int = 5, code: str = "service_unavailable") -> ErrorResponse:
+    return error(503, message, "service_unavailable", code, retry_after=retry_after)
+
+
+def to_response(err: ErrorResponse) -> Response:
+    """JSON response with the error's status (and ``Retry-After`` when set)."""
+    response = jsonify(err.model_dump())
+    response.status_code = err.status_code
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(err.retry_after)
+    return response
+
+
+_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+               405: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Every error the app raises leaves in OpenAI's shape."""
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status >= 500:
+            return to_response(internal_error(exc))
+        messages = {
+            404: "Unknown endpoint. See /v1/models, /v1/chat/completions, /v1/completions.",
+            413: "Request body too large.",
+        }
+        message = messages.get(status, exc.description or exc.name)
+        return to_response(error(status, message, _HTTP_TYPES.get(status, "invalid_request_error")))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        return to_response(internal_error(exc))

@@ -1,0 +1,27 @@
+"""The services one API process holds, attached to the Flask app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flask import current_app
+
+if TYPE_CHECKING:
+    from api.auth import KeyStore
+    from api.db import Database
+    from api.gateway import Gateway
+    from config import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    keys: KeyStore
+    gateway: Gateway
+
+
+def services() -> Services:
+    """The services of the current app."""
+    return current_app.extensions["inferq"]  # type: ignore[no-any-return]

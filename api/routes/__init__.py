@@ -1,0 +1,1 @@
+"""Thin blueprints: parse, call serving logic, map the result to HTTP."""

@@ -1,0 +1,175 @@
+"""Serving logic for chat and legacy completions.
+
+``serve`` returns a response model, an :class:`ErrorResponse`, or an iterator
+of SSE frames; the router only maps those three to HTTP. The two endpoints
+differ only in their wire format, which a small format class owns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from api import errors, sse
+from api.gateway import Gateway, JobStream
+from api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorResponse,
+    UsageInfo,
+)
+from queueing import events
+
+CANCELLED = errors.error(503, "The request was cancelled before it finished.",
+                         "service_unavailable", "cancelled")
+
+
+def usage_info(usage: events.Usage) -> UsageInfo:
+    return UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                     total_tokens=usage.total_tokens)
+
+
+class WireFormat(Protocol):
+    def opening(self) -> list[BaseModel]: ...
+    def delta(self, text: str) -> BaseModel: ...
+    def finish(self, reason: str) -> BaseModel: ...
+    def usage(self, usage: events.Usage) -> BaseModel: ...
+    def response(self, text: str, reason: str, usage: events.Usage) -> BaseModel: ...
+
+
+class ChatFormat:
+    """``chat.completion`` and ``chat.completion.chunk`` objects."""
+
+    def __init__(self, job_id: str, model: str):
+        self.id, self.model, self.created = f"chatcmpl-{job_id}", model, int(time.time())
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                   choices=choices, usage=usage)
+
+    def opening(self) -> list[BaseModel]:
+        return [self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
+
+    def delta(self, text: str) -> BaseModel:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=text))])
+
+    def finish(self, reason: str) -> BaseModel:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
+
+    def usage(self, usage: events.Usage) -> BaseModel:
+        return self._chunk([], usage_info(usage))
+
+    def response(self, text: str, reason: str, usage: events.Usage) -> BaseModel:
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, usage=usage_info(usage),
+            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)],
+        )
+
+
+class CompletionFormat:
+    """``text_completion`` objects, buffered and streamed."""
+
+    def __init__(self, job_id: str, model: str):
+        self.id, self.model, self.created = f"cmpl-{job_id}", model, int(time.time())
+
+    def _object(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model,
+                                  choices=choices, usage=usage)
+
+    def opening(self) -> list[BaseModel]:
+        return []
+
+    def delta(self, text: str) -> BaseModel:
+        return self._object([CompletionChoice(text=text)])
+
+    def finish(self, reason: str) -> BaseModel:
+        return self._object([CompletionChoice(text="", finish_reason=reason)])
+
+    def usage(self, usage: events.Usage) -> BaseModel:
+        return self._object([], usage_info(usage))
+
+    def response(self, text: str, reason: str, usage: events.Usage) -> BaseModel:
+        return self._object([CompletionChoice(text=text, finish_reason=reason)], usage_info(usage))
+
+
+Served = BaseModel | ErrorResponse | Iterator[str]
+
+
+def serve_chat(gateway: Gateway, request: ChatCompletionRequest) -> Served:
+    """``POST /v1/chat/completions``."""
+    return _serve(gateway, request, ChatFormat)
+
+
+def serve_completion(gateway: Gateway, request: CompletionRequest) -> Served:
+    """``POST /v1/completions``."""
+    return _serve(gateway, request, CompletionFormat)
+
+
+def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
+           format_cls: type[ChatFormat] | type[CompletionFormat]) -> Served:
+    submitted = gateway.submit(request.to_params())
+    if isinstance(submitted, ErrorResponse):
+        return submitted
+    fmt = format_cls(submitted.job_id, request.model)
+    stream = iter(submitted)
+    # Wait for the first event before answering, so a request the engine
+    # rejects (or a queue deadline) gets its proper HTTP status.
+    first = next(stream)
+    if isinstance(first, (events.Error, events.Cancelled)):
+        submitted.close()
+        return errors.from_event(first) if isinstance(first, events.Error) else CANCELLED
+    if request.stream:
+        return _sse(fmt, first, stream, submitted, request.include_usage)
+    return _buffered(fmt, first, stream)
+
+
+def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent]) -> Served:
+    parts: list[str] = []
+    for event in _chain(first, stream):
+        if isinstance(event, events.Delta):
+            parts.append(event.text)
+        elif isinstance(event, events.Done):
+            return fmt.response("".join(parts), event.finish_reason, event.usage)
+        elif isinstance(event, events.Error):
+            return errors.from_event(event)
+        else:
+            return CANCELLED
+    return errors.internal_error()
+
+
+def _sse(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent],
+         job: JobStream, include_usage: bool) -> Iterator[str]:
+    exclude = None if include_usage else {"usage"}
+    try:
+        for chunk in fmt.opening():
+            yield sse.data(chunk, exclude)
+        for event in _chain(first, stream):
+            if isinstance(event, events.Delta):
+                yield sse.data(fmt.delta(event.text), exclude)
+            elif isinstance(event, events.Done):
+                yield sse.data(fmt.finish(event.finish_reason), exclude)
+                if include_usage:
+                    yield sse.data(fmt.usage(event.usage))
+                yield sse.DONE
+            elif isinstance(event, events.Error):
+                yield sse.data(errors.from_event(event))
+            else:
+                yield sse.data(CANCELLED)
+    finally:
+        job.close()  # a client that disconnected cancels its job
+
+
+def _chain(first: events.TokenEvent, rest: Iterator[events.TokenEvent]) -> Iterator[events.TokenEvent]:
+    yield first
+    yield from rest

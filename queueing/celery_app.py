@@ -1,0 +1,49 @@
+"""The Celery application shared by the API (producer) and the workers.
+
+The API never imports worker code: it sends tasks by name
+(:data:`GENERATE_TASK`) to the queue of the requested model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from config import Settings, get_settings
+from queueing import keys
+
+GENERATE_TASK = "inferq.generate"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for long, late-acknowledged generation tasks."""
+    app = Celery("inferq", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results travel over pub/sub and the job record
+        task_acks_late=True,  # a killed worker's tasks are redelivered...
+        task_reject_on_worker_lost=True,  # ...not acknowledged as done
+        worker_prefetch_multiplier=1,  # one reserved task per slot
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue=keys.model_queue(settings.served_model_name),
+    )
+    return app
+
+
+app = make_celery(get_settings())
+
+
+def enqueue_generation(
+    celery: Celery, job_id: str, params: dict[str, Any], served_model: str
+) -> None:
+    """Send one generation job to the queue of ``served_model``."""
+    celery.send_task(
+        GENERATE_TASK,
+        args=[job_id, params],
+        queue=keys.model_queue(served_model),
+        task_id=job_id,
+    )

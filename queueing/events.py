@@ -1,0 +1,101 @@
+"""Token events: the schema a worker publishes and the API reads.
+
+A job publishes any number of ``delta`` events and then exactly one terminal
+event: ``done`` (with the engine's exact usage), ``error`` (sanitized message and
+the HTTP status it maps to) or ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Union
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts as the engine reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text for the client (one or more tokens)."""
+
+    text: str
+    type: Literal["delta"] = "delta"
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job finished; ``usage`` is exact."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    type: Literal["done"] = "done"
+
+
+@dataclass(frozen=True)
+class Error:
+    """The job failed; ``message`` is safe to show a client."""
+
+    message: str
+    status: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+    usage: Usage = field(default_factory=lambda: Usage(0, 0))
+    type: Literal["error"] = "error"
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The job was cancelled before it finished."""
+
+    usage: Usage = field(default_factory=lambda: Usage(0, 0))
+    type: Literal["cancelled"] = "cancelled"
+
+
+TokenEvent = Union[Delta, Done, Error, Cancelled]
+TerminalEvent = Union[Done, Error, Cancelled]
+
+
+class EventDecodeError(ValueError):
+    """A message on a job channel is not a token event."""
+
+
+def is_terminal(event: TokenEvent) -> bool:
+    """True for the one event that ends a job's stream."""
+    return not isinstance(event, Delta)
+
+
+def encode(event: TokenEvent) -> str:
+    """Serialize an event for ``PUBLISH``."""
+    return json.dumps(asdict(event), separators=(",", ":"))
+
+
+def decode(raw: str | bytes) -> TokenEvent:
+    """Parse an event published by :func:`encode`."""
+    try:
+        data: dict[str, Any] = json.loads(raw)
+        kind = data.pop("type")
+        if kind == "delta":
+            return Delta(**data)
+        usage = Usage(**data.pop("usage"))
+        if kind == "done":
+            return Done(usage=usage, **data)
+        if kind == "error":
+            return Error(usage=usage, **data)
+        if kind == "cancelled":
+            return Cancelled(usage=usage, **data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EventDecodeError(f"bad token event: {raw!r:.200}") from exc
+    raise EventDecodeError(f"unknown token event type {kind!r}")

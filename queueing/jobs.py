@@ -1,0 +1,221 @@
+"""The job record and its state machine.
+
+A job is a Redis hash that expires ``JOB_TTL`` seconds after its last write.
+Every status change goes through :func:`transition`, which checks the allowed
+transitions and writes atomically (one Lua script), optionally publishing the
+job's terminal event in the same step so status and event never disagree.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from queueing import keys
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+#: Allowed ``from -> {to}`` moves; terminal statuses have none.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def allowed_sources(target: JobStatus) -> list[str]:
+    """Statuses from which ``target`` may be reached."""
+    return [src.value for src, dests in TRANSITIONS.items() if target in dests]
+
+
+def new_job_id() -> str:
+    """A fresh, unguessable job id."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What to generate: the engine-neutral form of an OpenAI request."""
+
+    kind: str  # "chat" or "completion"
+    model: str
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
+        return cls(**data)
+
+
+@dataclass
+class JobRecord:
+    """One job as stored in Redis."""
+
+    id: str
+    params: GenerationParams
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    result: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+    def to_hash(self) -> dict[str, str]:
+        """Flatten for ``HSET``; ``None`` fields are left out."""
+        out: dict[str, str] = {}
+        for name, value in asdict(self).items():
+            if value is None:
+                continue
+            if name == "params":
+                out[name] = json.dumps(value)
+            elif isinstance(value, JobStatus):
+                out[name] = value.value
+            else:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> JobRecord:
+        floats = ("created_at", "started_at", "finished_at")
+        ints = ("prompt_tokens", "completion_tokens")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            if name == "params":
+                kwargs[name] = GenerationParams.from_dict(json.loads(value))
+            elif name == "status":
+                kwargs[name] = JobStatus(value)
+            elif name in floats:
+                kwargs[name] = float(value)
+            elif name in ints:
+                kwargs[name] = int(value)
+            elif name in cls.__dataclass_fields__:
+                kwargs[name] = value
+        return cls(**kwargs)
+
+
+class TransitionRefused(Exception):
+    """The job is missing or its status does not allow the move."""
+
+    def __init__(self, job_id: str, current: str | None, target: JobStatus):
+        self.current = JobStatus(current) if current else None
+        super().__init__(f"job {job_id}: {current or 'missing'} -> {target.value} refused")
+
+
+# KEYS[1] job hash, KEYS[2] channel or "" ; ARGV: target, ttl, message, n_sources,
+# sources..., then field/value pairs.
+_TRANSITION_LUA = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {0, false} end
+local n = tonumber(ARGV[4])
+local ok = false
+for i = 5, 4 + n do
+  if ARGV[i] == current then ok = true end
+end
+if not ok then return {0, current} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 5 + n, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+if KEYS[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[3]) end
+return {1, current}
+"""
+
+
+def create(client: redis.Redis, record: JobRecord, ttl: int) -> None:
+    """Store a new job record with its expiry."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(keys.job(record.id), mapping=record.to_hash())
+    pipe.expire(keys.job(record.id), ttl)
+    pipe.execute()
+
+
+def get(client: redis.Redis, job_id: str) -> JobRecord | None:
+    """The job record, or ``None`` if it never existed or expired."""
+    data = client.hgetall(keys.job(job_id))
+    return JobRecord.from_hash(data) if data else None  # type: ignore[arg-type]
+
+
+def transition(
+    client: redis.Redis,
+    job_id: str,
+    target: JobStatus,
+    ttl: int,
+    *,
+    publish: str | None = None,
+    only_from: JobStatus | None = None,
+    **fields: Any,
+) -> JobStatus:
+    """Move a job to ``target`` and set ``fields``, atomically.
+
+    If ``publish`` is given it is published on the job's event channel in the
+    same atomic step. ``only_from`` narrows the allowed sources to one status.
+    Returns the previous status; raises :class:`TransitionRefused` when the
+    move is not allowed.
+    """
+    sources = allowed_sources(target)
+    if only_from is not None:
+        sources = [src for src in sources if src == only_from.value]
+    pairs: list[str] = []
+    for name, value in fields.items():
+        if value is not None:
+            pairs += [name, str(value)]
+    channel = keys.job_events(job_id) if publish is not None else ""
+    script = client.register_script(_TRANSITION_LUA)
+    applied, current = script(
+        keys=[keys.job(job_id), channel],
+        args=[target.value, ttl, publish or "", len(sources), *sources, *pairs],
+    )
+    if not applied:
+        raise TransitionRefused(job_id, current, target)
+    return JobStatus(current)
+
+
+def request_cancel(client: redis.Redis, job_id: str, ttl: int) -> JobStatus | None:
+    """Cancel a job: a queued one never runs; a running one is aborted by its worker.
+
+    Returns the status the job had, or ``None`` if it does not exist.
+    """
+    try:
+        return transition(client, job_id, JobStatus.CANCELLED, ttl, only_from=JobStatus.QUEUED,
+                          finished_at=time.time())
+    except TransitionRefused as refused:
+        if refused.current is JobStatus.RUNNING:
+            # The worker running it transitions it, with the exact usage, when aborted.
+            client.publish(keys.CANCEL_CHANNEL, job_id)
+        return refused.current

@@ -1,0 +1,181 @@
+"""Fixtures: a private redis-server, real worker processes, the app and clients.
+
+Every test session starts its own ``redis-server`` on a free port (hermetic and
+parallel-safe). Workers are real processes running ``inferq worker``; the fast
+tests use the scripted engine (a named test double), the slow ones vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import httpx
+
+from queueing import liveness
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_KEY = "iq-test-0123456789abcdef0123"
+SCRIPTED_MODEL = "scripted-model"
+REAL_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+class Process:
+    """A child process with its log file, stopped by SIGTERM then SIGKILL."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server owned by this test session, on a free port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make install` (it installs it)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: redis.Redis.from_url(url).ping(), 10, "redis-server", proc)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+def base_env(redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV",))}
+    env.update({
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": f"sqlite:///{tmp / 'inferq.db'}",
+        "API_KEYS": TEST_KEY,
+        "WORKER_HEARTBEAT_INTERVAL": "1",
+        "WORKER_HEARTBEAT_TTL": "3",
+        "WORKER_METRICS_PORT": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def start_worker(redis_url: str, tmp: Path, model: str, timeout: float, **extra: str) -> Process:
+    env = base_env(redis_url, tmp, SERVED_MODEL_NAME=model, **extra)
+    worker = Process([sys.executable, "-m", "inferq.cli", "worker"], env, tmp / f"worker-{model}.log")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        wait_for(lambda: liveness.live_models(client)[model] > 0, timeout, f"worker for {model}", worker.proc)
+    except Exception:
+        worker.stop()
+        print(worker.log_tail())
+        raise
+    return worker
+
+
+def start_api(redis_url: str, tmp: Path, **extra: str) -> tuple[Process, str]:
+    port = free_port()
+    env = base_env(redis_url, tmp, **extra)
+    api = Process([sys.executable, "-m", "inferq.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+                   "--workers", "1"], env, tmp / f"api-{port}.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{base}/health", timeout=1).is_success, 30, "API", api.proc)
+    except Exception:
+        api.stop()
+        print(api.log_tail())
+        raise
+    return api, base
+
+
+@pytest.fixture(scope="session")
+def scripted_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """A real Celery worker process hosting the scripted engine (test double)."""
+    tmp = tmp_path_factory.mktemp("scripted-worker")
+    worker = start_worker(redis_url, tmp, SCRIPTED_MODEL, 60, ENGINE="scripted", MAX_NUM_SEQS="32")
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def app_config(redis_url: str, tmp_path: Path) -> dict[str, Any]:
+    return {
+        "redis_url": redis_url,
+        "database_url": f"sqlite:///{tmp_path / 'api.db'}",
+        "api_keys": TEST_KEY,
+        "served_model_name": SCRIPTED_MODEL,
+        "queue_timeout": 10.0,
+        "idle_timeout": 5.0,
+    }
+
+
+@pytest.fixture
+def app(app_config: dict[str, Any]) -> Any:
+    from api import create_app
+
+    flask_app = create_app(app_config)
+    flask_app.config["TESTING"] = True
+    return flask_app
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TEST_KEY}"}

@@ -1,0 +1,166 @@
+"""The full path API -> Celery/Redis -> worker -> pub/sub -> SSE, on real processes.
+
+The worker is a real ``inferq worker`` process with the scripted engine (a
+test double that emits ``tok0 tok1 ...``); Redis is the session's own server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from queueing import jobs
+from queueing.jobs import JobStatus
+from tests.conftest import SCRIPTED_MODEL
+from tests.sse_client import chunks, content, frames
+
+pytestmark = pytest.mark.usefixtures("scripted_worker")
+
+
+def chat(text: str, **extra):
+    return {"model": SCRIPTED_MODEL, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_buffered_chat_has_text_and_exact_usage(client, auth):
+    resp = client.post("/v1/chat/completions", json=chat("one two three", max_tokens=5), headers=auth)
+    assert resp.status_code == 200, resp.json
+    body = resp.json
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "tok0 tok1 tok2 tok3 tok4",
+                                             "refusal": None}
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert body["id"].startswith("chatcmpl-")
+
+
+def test_stream_order_and_exactly_one_end(client, auth):
+    resp = client.post("/v1/chat/completions", headers=auth,
+                       json=chat("a b [[stop]]", max_tokens=6, stream=True,
+                                 stream_options={"include_usage": True}))
+    assert resp.status_code == 200
+    assert resp.mimetype == "text/event-stream"
+    body = resp.get_data(as_text=True)
+    raw = frames(body)
+    assert raw[-1] == "[DONE]" and raw.count("[DONE]") == 1
+    parsed = chunks(body)
+    assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert content(body) == "tok0 tok1 tok2 tok3 tok4 tok5"
+    finishes = [c["choices"][0]["finish_reason"] for c in parsed if c["choices"]]
+    assert finishes[-1] == "stop" and finishes.count("stop") == 1
+    assert parsed[-1]["choices"] == []
+    assert parsed[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert all(c["usage"] is None for c in parsed[:-1])
+
+
+def test_stream_without_usage_option_has_no_usage_field(client, auth):
+    body = client.post("/v1/chat/completions", headers=auth,
+                       json=chat("x", max_tokens=2, stream=True)).get_data(as_text=True)
+    assert all("usage" not in c for c in chunks(body))
+    assert frames(body)[-1] == "[DONE]"
+
+
+def test_immediate_tokens_are_not_lost(client, auth):
+    # No delay at all: the first token is published the moment the worker starts.
+    for _ in range(5):
+        body = client.post("/v1/chat/completions", headers=auth,
+                           json=chat("go", max_tokens=200, stream=True)).get_data(as_text=True)
+        assert content(body) == " ".join(f"tok{i}" for i in range(200))
+
+
+def test_completions_buffered_and_streamed(client, auth):
+    resp = client.post("/v1/completions", headers=auth,
+                       json={"model": SCRIPTED_MODEL, "prompt": "hello there", "max_tokens": 3})
+    assert resp.status_code == 200
+    assert resp.json["object"] == "text_completion"
+    assert resp.json["choices"][0]["text"] == "tok0 tok1 tok2"
+    assert resp.json["usage"]["prompt_tokens"] == 2
+    body = client.post("/v1/completions", headers=auth,
+                       json={"model": SCRIPTED_MODEL, "prompt": "p", "max_tokens": 3,
+                             "stream": True}).get_data(as_text=True)
+    texts = [c["choices"][0]["text"] for c in chunks(body) if c["choices"]]
+    assert "".join(texts) == "tok0 tok1 tok2"
+    assert frames(body)[-1] == "[DONE]"
+
+
+def test_engine_failure_is_sanitized_500(client, auth):
+    resp = client.post("/v1/chat/completions", headers=auth, json=chat("[[fail]]"))
+    assert resp.status_code == 500
+    err = resp.json["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "10.0.0.7" not in err["message"] and "Traceback" not in err["message"]
+    assert err["type"] == "server_error"
+
+
+def test_prompt_too_long_is_400_and_worker_keeps_serving(client, auth):
+    resp = client.post("/v1/chat/completions", headers=auth, json=chat("[[too_long]]", stream=True))
+    assert resp.status_code == 400
+    assert resp.json["error"]["code"] == "context_length_exceeded"
+    ok = client.post("/v1/chat/completions", headers=auth, json=chat("after", max_tokens=2))
+    assert ok.status_code == 200
+
+
+def test_queue_deadline_is_504_and_cancels(app, client, auth, redis_client):
+    app.extensions["inferq"].settings.queue_timeout = 0.5
+    resp = client.post("/v1/chat/completions", headers=auth, json=chat("[[first_delay=3]]"))
+    assert resp.status_code == 504
+    assert resp.json["error"]["code"] == "timeout"
+
+
+def test_idle_deadline_ends_stream_with_error_event(app, client, auth):
+    app.extensions["inferq"].settings.idle_timeout = 0.5
+    body = client.post("/v1/chat/completions", headers=auth,
+                       json=chat("[[delay=2]]", max_tokens=3, stream=True)).get_data(as_text=True)
+    last = json.loads(frames(body)[-1])
+    assert last["error"]["code"] == "timeout"
+    assert "[DONE]" not in frames(body)
+
+
+def test_client_disconnect_cancels_job(client, auth, redis_client):
+    resp = client.post("/v1/chat/completions", headers=auth, buffered=False,
+                       json=chat("[[delay=0.2]]", max_tokens=100, stream=True))
+    stream = iter(resp.response)
+    first = next(stream).decode()
+    assert "assistant" in first
+    job_id = json.loads(first[len("data: "):])["id"].removeprefix("chatcmpl-")
+    resp.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        record = jobs.get(redis_client, job_id)
+        if record and record.status is JobStatus.CANCELLED:
+            break
+        time.sleep(0.1)
+    assert record is not None and record.status is JobStatus.CANCELLED
+    assert record.completion_tokens is not None and record.completion_tokens < 100
+
+
+def test_jobs_run_concurrently_in_one_worker(client, auth, redis_client):
+    def one(i):
+        resp = client.post("/v1/chat/completions", headers=auth,
+                           json=chat(f"[[delay=0.1]] {i}", max_tokens=10, stream=True))
+        body = resp.get_data(as_text=True)
+        return json.loads(frames(body)[0])["id"].removeprefix("chatcmpl-")
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(one, range(8)))
+    records = [jobs.get(redis_client, i) for i in ids]
+    assert all(r.status is JobStatus.SUCCEEDED for r in records)
+    # All eight were running at one moment: the latest start precedes the earliest finish.
+    assert max(r.started_at for r in records) < min(r.finished_at for r in records)
+    assert len({r.worker for r in records}) == 1
+
+
+def test_unknown_model_is_404(client, auth):
+    resp = client.post("/v1/chat/completions", headers=auth,
+                       json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 404
+    assert resp.json["error"]["code"] == "model_not_found"
+
+
+def test_models_and_ready(client, auth):
+    assert client.get("/ready").status_code == 200
+    models = client.get("/v1/models", headers=auth).json
+    assert models["object"] == "list"
+    assert SCRIPTED_MODEL in [m["id"] for m in models["data"]]

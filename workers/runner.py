@@ -1,0 +1,85 @@
+"""Runs one job: engine events in, job transitions and pub/sub events out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from queueing import channel, events, jobs
+from queueing.jobs import GenerationParams, JobStatus, TransitionRefused
+from workers.engine import Engine
+
+log = logging.getLogger(__name__)
+
+_STATUS_OF = {
+    events.Done: JobStatus.SUCCEEDED,
+    events.Error: JobStatus.FAILED,
+    events.Cancelled: JobStatus.CANCELLED,
+}
+
+ENGINE_FAILURE = events.Error(
+    message="The engine failed while processing this request.",
+    status=500,
+    error_type="server_error",
+    code="engine_error",
+)
+
+
+class JobRunner:
+    """Wires an engine to Redis for one worker process (thread-safe)."""
+
+    def __init__(self, engine: Engine, client: redis.Redis, worker_id: str, job_ttl: int):
+        self.engine = engine
+        self.redis = client
+        self.worker_id = worker_id
+        self.job_ttl = job_ttl
+
+    def run(self, job_id: str, params: GenerationParams) -> None:
+        """Generate for ``job_id``, publishing deltas and exactly one terminal event."""
+        try:
+            jobs.transition(
+                self.redis, job_id, JobStatus.RUNNING, self.job_ttl,
+                started_at=time.time(), worker=self.worker_id,
+            )
+        except TransitionRefused as refused:
+            # Cancelled while queued, expired, or a redelivery of a finished job.
+            log.info("job %s not started: %s", job_id, refused)
+            if refused.current is JobStatus.CANCELLED:
+                channel.publish(self.redis, job_id, events.Cancelled())
+            return
+        parts: list[str] = []
+        terminal: events.TerminalEvent = ENGINE_FAILURE
+        try:
+            for event in self.engine.stream(job_id, params):
+                if isinstance(event, events.Delta):
+                    channel.publish(self.redis, job_id, event)
+                    parts.append(event.text)
+                else:
+                    terminal = event
+        except redis.RedisError:
+            log.exception("job %s: Redis failed while streaming; request aborted", job_id)
+        except Exception:
+            log.exception("job %s: engine failed", job_id)
+        self.finish(job_id, terminal, "".join(parts))
+
+    def finish(self, job_id: str, terminal: events.TerminalEvent, text: str) -> None:
+        """Record the terminal status and publish the terminal event in one atomic step."""
+        usage = terminal.usage
+        try:
+            jobs.transition(
+                self.redis, job_id, _STATUS_OF[type(terminal)], self.job_ttl,
+                publish=events.encode(terminal),
+                finished_at=time.time(),
+                result=text,
+                finish_reason=getattr(terminal, "finish_reason", None),
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                error=getattr(terminal, "message", None),
+            )
+        except TransitionRefused as refused:
+            log.warning("job %s: %s; publishing the terminal event only", job_id, refused)
+            channel.publish(self.redis, job_id, terminal)
+        except redis.RedisError:
+            log.exception("job %s: could not record its end (Redis unavailable)", job_id)

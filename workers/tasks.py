@@ -1,0 +1,15 @@
+"""The Celery task that feeds a job to this process's engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from queueing.celery_app import GENERATE_TASK, app
+from queueing.jobs import GenerationParams
+from workers import runtime
+
+
+@app.task(name=GENERATE_TASK)
+def generate(job_id: str, params: dict[str, Any]) -> None:
+    """Run one generation job; the result travels over pub/sub and the job record."""
+    runtime.current().runner.run(job_id, GenerationParams.from_dict(params))
