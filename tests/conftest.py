@@ -114,7 +114,7 @@ def base_env(redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def start_worker(redis_url: str, tmp: Path, model: str, timeout: float, **extra: str) -> Process:
-    env = base_env(redis_url, tmp, SERVED_MODEL_NAME=model, **extra)
+    env = base_env(redis_url, tmp, **{"SERVED_MODEL_NAME": model, **extra})
     worker = Process([sys.executable, "-m", "inferq.cli", "worker"], env, tmp / f"worker-{model}.log")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:

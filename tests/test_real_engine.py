@@ -1,0 +1,104 @@
+"""End to end on the real vLLM engine (SmolLM2-135M-Instruct on the CPU).
+
+One worker and one API server for the whole module; the engine takes about a
+minute to start. ``max_tokens`` stays small.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import REAL_MODEL_DIR, TEST_KEY, free_port, start_api, start_worker
+
+pytestmark = pytest.mark.slow
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url, tmp_path_factory):
+    if not (REAL_MODEL_DIR / "config.json").exists():
+        pytest.fail("the default model is not prepared: run `make model`")
+    tmp = tmp_path_factory.mktemp("real")
+    metrics_port = free_port()
+    worker = start_worker(redis_url, tmp, MODEL, 300, MODEL_NAME=str(REAL_MODEL_DIR),
+                          WORKER_METRICS_PORT=str(metrics_port), MAX_NUM_SEQS="16",
+                          MAX_MODEL_LEN="1024", KV_CACHE_SPACE_GIB="1")
+    api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=MODEL)
+    yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    api.stop()
+    worker.stop(60)
+
+
+@pytest.fixture
+def sdk(stack):
+    return openai.OpenAI(base_url=f"{stack['base']}/v1", api_key=TEST_KEY, max_retries=0, timeout=120)
+
+
+def test_capital_of_france(sdk):
+    out = sdk.chat.completions.create(model=MODEL, temperature=0, max_tokens=20,
+                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in out.choices[0].message.content
+    assert out.usage.prompt_tokens > 5 and 0 < out.usage.completion_tokens <= 20
+
+
+def test_streaming_chunks_and_clean_end(sdk):
+    stream = sdk.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=16, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Name three colors."}])
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) >= 3
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 16 or chunks[-2].choices[0].finish_reason == "stop"
+
+
+def test_completions(sdk):
+    out = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert out.choices[0].text.strip()
+    assert out.usage.completion_tokens <= 8
+
+
+def _running(metrics_url: str) -> float:
+    text = httpx.get(metrics_url, timeout=2).text
+    found = re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    return max(map(float, found)) if found else 0.0
+
+
+def test_eight_streams_share_the_engine(sdk, stack):
+    assert "vllm:num_requests_running" in httpx.get(stack["metrics"], timeout=2).text
+    peak, stop = [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _running(stack["metrics"]))
+            time.sleep(0.05)
+
+    def one(i):
+        stream = sdk.completions.create(model=MODEL, prompt=f"Chapter {i}. Once upon a time,",
+                                        max_tokens=48, temperature=0.8, seed=i, stream=True)
+        return [c for c in stream]
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+    finally:
+        stop.set()
+        sampler.join()
+    assert all(r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
+    # The engine itself reported all eight requests in its running batch at once.
+    assert peak[0] >= 8, f"peak vllm:num_requests_running was {peak[0]}"
+
+
+def test_wrong_key(stack):
+    bad = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key="iq-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
