@@ -24,4 +24,4 @@ class Services:
 
 def services() -> Services:
     """The services of the current app."""
-    return current_app.extensions["inferq"]  # type: ignore[no-any-return]
+    return current_app.extensions["inferq"]

@@ -8,6 +8,9 @@ DONE = "data: [DONE]\n\n"
 
 
 def data(payload: BaseModel, exclude: set[str] | None = None) -> str:
-    """One ``data:`` frame: a chunk, or an in-stream ``{"error": ...}`` (``None`` fields kept, as OpenAI sends them)."""
+    """One ``data:`` frame: a chunk or an in-stream ``{"error": ...}``.
+
+    ``None`` fields are kept (``finish_reason: null``), as OpenAI sends them.
+    """
     return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -64,8 +64,8 @@ class Cancelled:
     type: Literal["cancelled"] = "cancelled"
 
 
-TokenEvent = Union[Delta, Done, Error, Cancelled]
-TerminalEvent = Union[Done, Error, Cancelled]
+TokenEvent = Delta | Done | Error | Cancelled
+TerminalEvent = Done | Error | Cancelled
 
 
 class EventDecodeError(ValueError):
@@ -96,6 +96,6 @@ def decode(raw: str | bytes) -> TokenEvent:
             return Error(usage=usage, **data)
         if kind == "cancelled":
             return Cancelled(usage=usage, **data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: JSON not an object
         raise EventDecodeError(f"bad token event: {raw!r:.200}") from exc
     raise EventDecodeError(f"unknown token event type {kind!r}")

@@ -20,7 +20,7 @@ import redis
 from queueing import keys
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -160,7 +160,7 @@ return {1, current}
 def create(client: redis.Redis, record: JobRecord, ttl: int) -> None:
     """Store a new job record with its expiry."""
     pipe = client.pipeline(transaction=False)
-    pipe.hset(keys.job(record.id), mapping=record.to_hash())
+    pipe.hset(keys.job(record.id), mapping=record.to_hash())  # type: ignore[arg-type]
     pipe.expire(keys.job(record.id), ttl)
     pipe.execute()
 

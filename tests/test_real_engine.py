@@ -42,8 +42,8 @@ def sdk(stack):
 
 
 def test_capital_of_france(sdk):
-    out = sdk.chat.completions.create(model=MODEL, temperature=0, max_tokens=20,
-                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    out = sdk.chat.completions.create(model=MODEL, temperature=0, max_tokens=20, messages=question)
     assert "Paris" in out.choices[0].message.content
     assert out.usage.prompt_tokens > 5 and 0 < out.usage.completion_tokens <= 20
 

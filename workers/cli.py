@@ -23,8 +23,10 @@ def _configure_logging(level: str) -> None:
 @click.option("--gpus", help="GPU ids to pin this worker to, e.g. 1,2 (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--tp", type=int, help="Tensor-parallel size (default TP_SIZE, usually the GPU count).")
 @click.option("--concurrency", type=int, help="Task slots fed to the engine at once (default MAX_NUM_SEQS).")
-@click.option("--engine", type=click.Choice(["vllm", "scripted"]), help="Engine (default ENGINE; scripted is a test double).")
-@click.option("--metrics-port", type=int, help="Prometheus port of this worker (default WORKER_METRICS_PORT, 0 = off).")
+@click.option("--engine", type=click.Choice(["vllm", "scripted"]),
+              help="Engine (default ENGINE; scripted is a test double).")
+@click.option("--metrics-port", type=int,
+              help="Prometheus port of this worker (default WORKER_METRICS_PORT, 0 = off).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: str | None,
            metrics_port: int | None, loglevel: str) -> None:

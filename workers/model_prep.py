@@ -68,10 +68,9 @@ def prepare_from_gguf(gguf_path: Path, target: Path) -> Path:
     # to load the saved weights as quantized ones.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
+    for attr, cleared in (("hf_quantizer", None), ("is_quantized", False)):
+        if getattr(model, attr, None):
+            setattr(model, attr, cleared)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         staging = Path(tmp) / "model"
         log.info("saving safetensors model directory")

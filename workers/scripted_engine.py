@@ -71,7 +71,7 @@ class ScriptedEngine:
                     yield events.Cancelled(usage=events.Usage(prompt_tokens, i))
                     return
                 yield events.Delta(f"tok{i}" if i == 0 else f" tok{i}")
-            reason = "stop" if "stop" in directives else "length"
+            reason: events.FinishReason = "stop" if "stop" in directives else "length"
             yield events.Done(finish_reason=reason, usage=events.Usage(prompt_tokens, count))
         finally:
             self._unregister(request_id)
