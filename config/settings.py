@@ -20,7 +20,9 @@ PLACEHOLDER_KEYS = frozenset({"dev-key-1", "dev-key-2", "changeme", "test", "sec
 class Settings(BaseSettings):
     """Configuration shared by the API, the workers and the tools."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
 
     # Model and engine
     model_name: str = Field("models/SmolLM2-135M-Instruct", description="local dir or hub id")

@@ -38,6 +38,8 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
     """
     if gpus is not None:
         os.environ["GPU_IDS"] = gpus
+        if tp is None:  # one engine spans all the GPUs it is given
+            tp = len([g for g in gpus.split(",") if g.strip()])
     overrides = {"TP_SIZE": tp, "ENGINE": engine, "WORKER_METRICS_PORT": metrics_port}
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
     get_settings.cache_clear()
