@@ -1,0 +1,1 @@
+"""Load generation and benchmarks against an inferq (or any OpenAI-compatible) server."""
