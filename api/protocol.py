@@ -78,6 +78,11 @@ class SamplingFields(OpenAIModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
+    # vLLM's extensions (send them with the SDK's ``extra_body``)
+    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -107,6 +112,10 @@ class SamplingFields(OpenAIModel):
             "seed": self.seed,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
+            "top_k": self.top_k,
+            "min_tokens": self.min_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "ignore_eos": self.ignore_eos,
         }
 
 

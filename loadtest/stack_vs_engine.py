@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +59,7 @@ def run_direct(engine: object, texts: list[str], max_tokens: int, concurrency: i
 
     def one(i: int, text: str) -> tuple[int, float]:
         params = GenerationParams(kind="completion", model="bench", prompt=text, max_tokens=max_tokens,
-                                  temperature=1.0, seed=i)
+                                  temperature=1.0, seed=i, ignore_eos=True)
         start, ttft, tokens = time.perf_counter(), 0.0, 0
         for ev in engine.stream(f"direct-{time.time_ns()}-{i}", params):  # type: ignore[attr-defined]
             if isinstance(ev, events.Delta) and not ttft:
@@ -80,7 +79,7 @@ def run_stack(base: str, model: str, texts: list[str], max_tokens: int, concurre
 
     def one(i: int, text: str) -> tuple[int, float]:
         body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         start, ttft, tokens = time.perf_counter(), 0.0, 0
         with client.stream("POST", f"{base}/v1/completions", json=body,
                            headers={"Authorization": f"Bearer {KEY}"}) as resp:

@@ -69,6 +69,11 @@ class GenerationParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's extensions to OpenAI's parameters
+    top_k: int | None = None
+    min_tokens: int = 0
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

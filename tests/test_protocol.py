@@ -190,3 +190,12 @@ def test_completion_format_frames() -> None:
 
 def test_done_frame() -> None:
     assert sse.DONE == "data: [DONE]\n\n"
+
+
+def test_vllm_extension_fields_reach_the_job_params():
+    params = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "x"}],
+        "ignore_eos": True, "min_tokens": 3, "top_k": 20, "repetition_penalty": 1.1,
+    }).to_params()
+    extras = (params.ignore_eos, params.min_tokens, params.top_k, params.repetition_penalty)
+    assert extras == (True, 3, 20, 1.1)

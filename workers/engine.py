@@ -116,6 +116,10 @@ def to_sampling_params(params: GenerationParams, prompt_len: int, max_model_len:
         seed=params.seed,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
+        top_k=params.top_k if params.top_k is not None else 0,
+        min_tokens=params.min_tokens,
+        repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
+        ignore_eos=params.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
     )
 
