@@ -17,7 +17,6 @@ from urllib.parse import urlparse
 import click
 import redis
 from rich.console import Console
-from rich.panel import Panel
 
 from config import get_settings
 
@@ -76,7 +75,8 @@ def run(procfile: Path) -> None:
         processes.insert(0, "redis")
         console.print(f"[yellow]no Redis at {s.redis_url}: starting redis-server under honcho[/]")
     base = f"http://localhost:{s.api_port}"
-    console.print(Panel.fit(
+    console.rule("[bold]inferq")
+    console.print(
         f"API      {base}/v1   (health {base}/health, ready {base}/ready)\n"
         f"Flower   http://localhost:{s.flower_port}\n"
         f"API key  {key}\n\n"
@@ -85,7 +85,8 @@ def run(procfile: Path) -> None:
         f"  -d '{{\"model\": \"{s.served_model_name}\", \"messages\": [{{\"role\": \"user\", "
         f"\"content\": \"What is the capital of France?\"}}]}}'\n\n"
         "The worker needs about a minute to start its engine; /ready turns 200 then. Ctrl-C stops all.",
-        title="inferq"))
+        soft_wrap=True, highlight=False, markup=False)
+    console.rule()
     # Procfile commands (inferq, python) must resolve to this environment.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     honcho = [sys.executable, "-m", "honcho", "-f", str(procfile), "start", *processes]

@@ -236,7 +236,9 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         """Stop the engine core process and the loop thread."""
+        engine, self._engine = self._engine, None
         try:
-            self._engine.shutdown()
+            engine.shutdown()
+            del engine  # let AsyncLLM.__del__ run now, not during interpreter teardown
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
