@@ -12,7 +12,8 @@ from api.auth import KeyStore
 from api.db import Database
 from api.extensions import Services
 from api.gateway import Gateway
-from api.routes import completions, health, models
+from api.ledger import Ledger
+from api.routes import completions, health, models, usage
 from config import Settings, get_settings
 from queueing.celery_app import make_celery
 from queueing.connections import get_redis
@@ -38,15 +39,19 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     db = Database(settings)
     db.create_schema()
-    gateway = Gateway(settings, get_redis(settings.redis_url), make_celery(settings))
-    app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway)
+    client = get_redis(settings.redis_url)
+    ledger = Ledger(client, db)
+    gateway = Gateway(settings, client, make_celery(settings), used_on=ledger.used_on)
+    app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway, ledger)
+    if settings.ledger_drain:
+        ledger.start_background()
     if settings.placeholder_keys:
         log.warning("API_KEYS holds %d placeholder or short key(s): replace them before exposing "
                     "this server", len(settings.placeholder_keys))
 
     _register_hooks(app, settings)
     errors.register_error_handlers(app)
-    for blueprint in (health.bp, models.bp, completions.bp):
+    for blueprint in (health.bp, models.bp, completions.bp, usage.bp):
         app.register_blueprint(blueprint)
     return app
 

@@ -27,6 +27,7 @@ def api(host: str | None, port: int | None, workers: int | None, connections: in
         "--bind", f"{host or s.api_host}:{port or s.api_port}",
         "--graceful-timeout", "30",
         "--access-logfile", "-",
+        "--no-control-socket",  # several API servers may share a host
         "api:create_app()",
     ]
     os.execv(sys.executable, argv)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from api.auth import KeyStore
     from api.db import Database
     from api.gateway import Gateway
+    from api.ledger import Ledger
     from config import Settings
 
 
@@ -20,6 +21,7 @@ class Services:
     db: Database
     keys: KeyStore
     gateway: Gateway
+    ledger: Ledger
 
 
 def services() -> Services:

@@ -9,22 +9,35 @@ either way the job is cancelled.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
 from api import errors
+from api.admission import worst_case_tokens
 from api.protocol import ErrorResponse
 from config import Settings
-from queueing import events, jobs, liveness
+from queueing import events, jobs, keys, liveness, metering
 from queueing.celery_app import enqueue_generation
 from queueing.channel import EventSubscription
 from queueing.jobs import GenerationParams, JobRecord
 
 log = logging.getLogger(__name__)
+
+
+class Payer(Protocol):
+    """Whose tokens a job spends (an authenticated key)."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    @property
+    def daily_tokens(self) -> int | None: ...
 
 
 class JobStream:
@@ -85,34 +98,79 @@ class Gateway:
     settings: Settings
     redis: redis.Redis
     celery: Celery
+    #: Tokens the durable ledger holds for (key_id, day): rebuilds a lost quota counter.
+    used_on: Callable[[str, str], int] = lambda key_id, day: 0
 
     def served_models(self) -> list[str]:
         """Models with at least one live worker."""
         return sorted(liveness.live_models(self.redis))
 
-    def submit(self, params: GenerationParams) -> JobStream | ErrorResponse:
-        """Enqueue a generation job, or say why it cannot run now."""
+    def submit(self, params: GenerationParams, payer: Payer | None = None) -> JobStream | ErrorResponse:
+        """Reserve the request's worst case against the payer's quota and enqueue it,
+        or say why it cannot run now."""
+        record = self._record(params, payer)
         try:
-            live = liveness.live_models(self.redis)
-            if params.model not in live:
+            if params.model not in liveness.live_models(self.redis):
                 return self._no_worker(params.model)
-            job_id = jobs.new_job_id()
-            subscription = EventSubscription(self.redis, job_id)
+            subscription = EventSubscription(self.redis, record.id)
             try:
-                jobs.create(self.redis, JobRecord(id=job_id, params=params), self.settings.job_ttl)
-                enqueue_generation(self.celery, job_id, params.to_dict(), params.model)
+                quota_error = self._create(record)
+                if quota_error is not None:
+                    subscription.close()
+                    return quota_error
+                enqueue_generation(self.celery, record.id, params.to_dict(), params.model)
             except BaseException:
                 subscription.close()
+                self._abandon(record.id)
                 raise
         except (redis.RedisError, OperationalError, OSError):
             log.exception("queue unavailable")
             return errors.unavailable("The queue is unavailable; try again shortly.",
                                       code="queue_unavailable")
-        return JobStream(self, job_id, subscription)
+        return JobStream(self, record.id, subscription)
+
+    def _record(self, params: GenerationParams, payer: Payer | None) -> JobRecord:
+        record = JobRecord(id=jobs.new_job_id(), params=params)
+        if payer is not None:
+            day = metering.quota_day()
+            record.key_id = payer.key_id
+            record.quota_day = day
+            if payer.daily_tokens is not None:
+                record.quota_key = keys.quota(payer.key_id, day)
+                record.quota_limit = payer.daily_tokens
+                record.reserved_tokens = worst_case_tokens(params, self.settings.max_model_len)
+        return record
+
+    def _create(self, record: JobRecord) -> ErrorResponse | None:
+        ttl = self.settings.job_ttl
+        try:
+            try:
+                jobs.create(self.redis, record, ttl)
+            except jobs.QuotaUnseeded:
+                assert record.key_id and record.quota_day
+                jobs.create(self.redis, record, ttl, seed_used=self.used_on(record.key_id, record.quota_day))
+        except jobs.QuotaExceeded as exc:
+            log.info("quota: key %s refused %d tokens (%d used, %d reserved of %d)",
+                     record.key_id, record.reserved_tokens, exc.used, exc.reserved, exc.limit)
+            return errors.error(
+                429, f"This request needs up to {record.reserved_tokens} tokens, which would exceed your "
+                f"daily quota of {exc.limit} tokens ({exc.used} used, {exc.reserved} held by requests "
+                "in flight).", "insufficient_quota", "quota_exceeded",
+                retry_after=metering.seconds_until_next_day())
+        return None
+
+    def _abandon(self, job_id: str) -> None:
+        """Fail a job that could not be enqueued, releasing its reservation."""
+        try:
+            jobs.transition(self.redis, job_id, jobs.JobStatus.FAILED, self.settings.job_ttl,
+                            only_from=jobs.JobStatus.QUEUED, finished_at=time.time(),
+                            prompt_tokens=0, completion_tokens=0, error="not enqueued")
+        except (jobs.TransitionRefused, redis.RedisError):
+            log.warning("job %s: could not release its reservation", job_id)
 
     def _no_worker(self, model: str) -> ErrorResponse:
         if model == self.settings.served_model_name:
             return errors.unavailable(f"No live worker serves the model '{model}' right now.",
                                       retry_after=10, code="no_live_worker")
-        return errors.error(404, f"The model '{model}' does not exist or is not served here.",
+        return errors.error(404, f"The model '{model}' does not exist or you do not have access to it.",
                             "invalid_request_error", "model_not_found", "model")

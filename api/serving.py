@@ -14,6 +14,7 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from api import errors, sse
+from api.auth import Principal
 from api.gateway import Gateway, JobStream
 from api.protocol import (
     AssistantMessage,
@@ -106,19 +107,27 @@ class CompletionFormat:
 Served = BaseModel | ErrorResponse | Iterator[str]
 
 
-def serve_chat(gateway: Gateway, request: ChatCompletionRequest) -> Served:
+def serve_chat(gateway: Gateway, request: ChatCompletionRequest, principal: Principal) -> Served:
     """``POST /v1/chat/completions``."""
-    return _serve(gateway, request, ChatFormat)
+    return _serve(gateway, request, principal, ChatFormat)
 
 
-def serve_completion(gateway: Gateway, request: CompletionRequest) -> Served:
+def serve_completion(gateway: Gateway, request: CompletionRequest, principal: Principal) -> Served:
     """``POST /v1/completions``."""
-    return _serve(gateway, request, CompletionFormat)
+    return _serve(gateway, request, principal, CompletionFormat)
 
 
-def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
+def model_not_found(model: str) -> ErrorResponse:
+    """OpenAI's answer for a model that does not exist or that the key may not use."""
+    return errors.error(404, f"The model '{model}' does not exist or you do not have access to it.",
+                        "invalid_request_error", "model_not_found", "model")
+
+
+def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest, principal: Principal,
            format_cls: type[ChatFormat] | type[CompletionFormat]) -> Served:
-    submitted = gateway.submit(request.to_params())
+    if not principal.may_use(request.model):
+        return model_not_found(request.model)
+    submitted = gateway.submit(request.to_params(), principal)
     if isinstance(submitted, ErrorResponse):
         return submitted
     fmt = format_cls(submitted.job_id, request.model)

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     worker_heartbeat_interval: float = Field(5.0, gt=0)
     worker_heartbeat_ttl: float = Field(15.0, gt=0)
 
+    # Drain settled usage into the SQL ledger from a background thread of each API process.
+    ledger_drain: bool = True
+
     log_level: str = "INFO"
 
     @property

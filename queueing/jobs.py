@@ -99,6 +99,12 @@ class JobRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    # Metering: who pays, the day's quota counter, and the tokens held for this job.
+    key_id: str | None = None
+    quota_key: str | None = None
+    quota_day: str | None = None
+    quota_limit: int | None = None
+    reserved_tokens: int = 0
 
     def to_hash(self) -> dict[str, str]:
         """Flatten for ``HSET``; ``None`` fields are left out."""
@@ -117,7 +123,7 @@ class JobRecord:
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> JobRecord:
         floats = ("created_at", "started_at", "finished_at")
-        ints = ("prompt_tokens", "completion_tokens")
+        ints = ("prompt_tokens", "completion_tokens", "quota_limit", "reserved_tokens")
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             if name == "params":
@@ -141,33 +147,103 @@ class TransitionRefused(Exception):
         super().__init__(f"job {job_id}: {current or 'missing'} -> {target.value} refused")
 
 
-# KEYS[1] job hash, KEYS[2] channel or "" ; ARGV: target, ttl, message, n_sources,
-# sources..., then field/value pairs.
+class QuotaExceeded(Exception):
+    """Admitting the job would push its key past the daily token quota."""
+
+    def __init__(self, used: int, reserved: int, limit: int):
+        self.used, self.reserved, self.limit = used, reserved, limit
+        super().__init__(f"quota: {used} used + {reserved} reserved of {limit}")
+
+
+class QuotaUnseeded(Exception):
+    """The day's quota counter is missing (new day, or Redis lost it): seed it from SQL."""
+
+
+# KEYS[1] job hash, KEYS[2] quota hash or ''. ARGV: job ttl, tokens to reserve, limit
+# (-1 = none), quota ttl, seed for 'used' ('' = none), then the job's field/value pairs.
+_CREATE_LUA = """
+local used, reserved = 0, 0
+if KEYS[2] ~= '' then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    if ARGV[5] == '' then return {-1, 0, 0} end
+    redis.call('HSET', KEYS[2], 'used', ARGV[5], 'reserved', 0)
+  end
+  used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
+  reserved = tonumber(redis.call('HGET', KEYS[2], 'reserved') or '0')
+  local amount, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if limit >= 0 and used + reserved + amount > limit then return {0, used, reserved} end
+  reserved = redis.call('HINCRBY', KEYS[2], 'reserved', amount)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+end
+for i = 6, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return {1, used, reserved}
+"""
+
+# KEYS[1] job hash, KEYS[2] channel or '', KEYS[3] usage stream. ARGV: target, ttl,
+# message, settle ('1' for terminal targets), n_sources, sources..., field/value pairs.
+# Settling moves the job's reserved tokens to 'used' in its quota counter (if that
+# still exists) and appends the job's usage to the ledger stream: exactly once,
+# because only one terminal transition can ever apply.
 _TRANSITION_LUA = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, false} end
-local n = tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 local ok = false
-for i = 5, 4 + n do
+for i = 6, 5 + n do
   if ARGV[i] == current then ok = true end
 end
 if not ok then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 5 + n, #ARGV, 2 do
+for i = 6 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+if ARGV[4] == '1' then
+  local f = redis.call('HMGET', KEYS[1], 'key_id', 'quota_key', 'reserved_tokens', 'quota_day',
+                      'prompt_tokens', 'completion_tokens', 'params', 'id')
+  if f[1] then
+    local prompt, completion = tonumber(f[5] or '0'), tonumber(f[6] or '0')
+    if f[2] and redis.call('EXISTS', f[2]) == 1 then
+      redis.call('HINCRBY', f[2], 'reserved', -tonumber(f[3] or '0'))
+      redis.call('HINCRBY', f[2], 'used', prompt + completion)
+    end
+    redis.call('HSET', KEYS[1], 'reserved_tokens', 0)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000000, '*', 'job_id', f[8], 'key_id', f[1],
+               'model', cjson.decode(f[7]).model, 'day', f[4] or '', 'prompt_tokens', prompt,
+               'completion_tokens', completion, 'status', ARGV[1])
+  end
+end
 if KEYS[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[3]) end
 return {1, current}
 """
 
 
-def create(client: redis.Redis, record: JobRecord, ttl: int) -> None:
-    """Store a new job record with its expiry."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hset(keys.job(record.id), mapping=record.to_hash())  # type: ignore[arg-type]
-    pipe.expire(keys.job(record.id), ttl)
-    pipe.execute()
+def create(client: redis.Redis, record: JobRecord, ttl: int, *, quota_ttl: int = 2 * 86400,
+           seed_used: int | None = None) -> int:
+    """Store a new job record; if it names a quota counter, reserve its tokens first.
+
+    Atomic: either the reservation fits under ``record.quota_limit`` and the
+    job exists, or nothing changed. Returns the key's reserved total.
+    Raises :class:`QuotaExceeded`, or :class:`QuotaUnseeded` when the day's
+    counter is missing and ``seed_used`` (the day's usage from SQL) was not given.
+    """
+    pairs: list[str] = []
+    for name, value in record.to_hash().items():
+        pairs += [name, value]
+    limit = -1 if record.quota_limit is None else record.quota_limit
+    script = client.register_script(_CREATE_LUA)
+    status, used, reserved = script(
+        keys=[keys.job(record.id), record.quota_key or ""],
+        args=[ttl, record.reserved_tokens, limit, quota_ttl, "" if seed_used is None else seed_used, *pairs],
+    )
+    if status == -1:
+        raise QuotaUnseeded(record.quota_key)
+    if status == 0:
+        raise QuotaExceeded(int(used), int(reserved), limit)
+    return int(reserved)
 
 
 def get(client: redis.Redis, job_id: str) -> JobRecord | None:
@@ -201,10 +277,11 @@ def transition(
         if value is not None:
             pairs += [name, str(value)]
     channel = keys.job_events(job_id) if publish is not None else ""
+    settle = "1" if target.is_terminal else "0"
     script = client.register_script(_TRANSITION_LUA)
     applied, current = script(
-        keys=[keys.job(job_id), channel],
-        args=[target.value, ttl, publish or "", len(sources), *sources, *pairs],
+        keys=[keys.job(job_id), channel, keys.USAGE_STREAM],
+        args=[target.value, ttl, publish or "", settle, len(sources), *sources, *pairs],
     )
     if not applied:
         raise TransitionRefused(job_id, current, target)

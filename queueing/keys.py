@@ -13,6 +13,15 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 #: Sorted set of live workers; member ``model\tworker_id``, score = heartbeat expiry.
 LIVE_WORKERS = f"{PREFIX}:workers"
 
+#: Stream of settled usage (one entry per finished job), drained into the SQL ledger.
+USAGE_STREAM = f"{PREFIX}:usage"
+
+#: Consumer group of the API processes that drain :data:`USAGE_STREAM`.
+USAGE_LEDGER_GROUP = "ledger"
+
+#: Prefix of the rate-limit counters (kept by the ``limits`` library).
+RATE_LIMIT_PREFIX = f"{PREFIX}:limits"
+
 
 def job(job_id: str) -> str:
     """Hash holding one job record (expires after ``JOB_TTL``)."""
@@ -22,6 +31,11 @@ def job(job_id: str) -> str:
 def job_events(job_id: str) -> str:
     """Pub/sub channel carrying one job's token events."""
     return f"{PREFIX}:job:{job_id}:events"
+
+
+def quota(key_id: str, day: str) -> str:
+    """Hash ``{used, reserved}``: a key's tokens on one UTC day (expires after two days)."""
+    return f"{PREFIX}:quota:{key_id}:{day}"
 
 
 def model_queue(served_model: str) -> str:

@@ -24,6 +24,8 @@ import redis
 
 from queueing import liveness
 
+pytest_plugins = ["tests.sql_fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_KEY = "iq-test-0123456789abcdef0123"
 SCRIPTED_MODEL = "scripted-model"
@@ -159,6 +161,7 @@ def app_config(redis_url: str, tmp_path: Path) -> dict[str, Any]:
         "served_model_name": SCRIPTED_MODEL,
         "queue_timeout": 10.0,
         "idle_timeout": 5.0,
+        "ledger_drain": False,  # GET /v1/usage drains synchronously
     }
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from config import Settings
@@ -30,10 +30,16 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
+#: Called with (prompt tokens, most new tokens) once the prompt is tokenized and
+#: before the engine sees the request; an error event returned refuses the request.
+AdmitCallback = Callable[[int, int], "events.Error | None"]
+
+
 class Engine(Protocol):
     """What a worker needs from an engine (the real one or a test double)."""
 
-    def stream(self, request_id: str, params: GenerationParams) -> Iterator[events.TokenEvent]:
+    def stream(self, request_id: str, params: GenerationParams,
+               admit: AdmitCallback | None = None) -> Iterator[events.TokenEvent]:
         """Yield deltas, then exactly one terminal event."""
         ...
 
@@ -178,7 +184,8 @@ class VllmEngine:
         finally:
             out.put(_END)
 
-    def stream(self, request_id: str, params: GenerationParams) -> Iterator[events.TokenEvent]:
+    def stream(self, request_id: str, params: GenerationParams,
+               admit: AdmitCallback | None = None) -> Iterator[events.TokenEvent]:
         """Run one request; yield deltas (coalesced when the consumer lags), then a terminal event."""
         try:
             prompt_ids = build_prompt_ids(self.tokenizer, params, self.max_model_len)
@@ -186,6 +193,10 @@ class VllmEngine:
             yield exc.to_event()
             return
         sp = to_sampling_params(params, len(prompt_ids), self.max_model_len)
+        refusal = admit(len(prompt_ids), sp.max_tokens or 0) if admit else None
+        if refusal is not None:
+            yield refusal
+            return
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         future = self._run(self._pump(request_id, prompt_ids, sp, outputs))
         with self._lock:

@@ -7,9 +7,9 @@ import time
 
 import redis
 
-from queueing import channel, events, jobs
+from queueing import channel, events, jobs, metering
 from queueing.jobs import GenerationParams, JobStatus, TransitionRefused
-from workers.engine import Engine
+from workers.engine import AdmitCallback, Engine
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +18,13 @@ _STATUS_OF = {
     events.Error: JobStatus.FAILED,
     events.Cancelled: JobStatus.CANCELLED,
 }
+
+QUOTA_EXCEEDED = events.Error(
+    message="This request would exceed your daily token quota.",
+    status=429,
+    error_type="insufficient_quota",
+    code="quota_exceeded",
+)
 
 ENGINE_FAILURE = events.Error(
     message="The engine failed while processing this request.",
@@ -52,7 +59,7 @@ class JobRunner:
         parts: list[str] = []
         terminal: events.TerminalEvent = ENGINE_FAILURE
         try:
-            for event in self.engine.stream(job_id, params):
+            for event in self.engine.stream(job_id, params, admit=self._admission(job_id)):
                 if isinstance(event, events.Delta):
                     channel.publish(self.redis, job_id, event)
                     parts.append(event.text)
@@ -63,6 +70,14 @@ class JobRunner:
         except Exception:
             log.exception("job %s: engine failed", job_id)
         self.finish(job_id, terminal, "".join(parts))
+
+    def _admission(self, job_id: str) -> AdmitCallback:
+        def admit(prompt_tokens: int, max_new_tokens: int) -> events.Error | None:
+            # Hold exactly the worst case now that the prompt length is known.
+            fits = metering.adjust_reservation(self.redis, job_id, prompt_tokens + max_new_tokens)
+            return None if fits else QUOTA_EXCEEDED
+
+        return admit
 
     def finish(self, job_id: str, terminal: events.TerminalEvent, text: str) -> None:
         """Record the terminal status and publish the terminal event in one atomic step."""

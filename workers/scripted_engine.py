@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from queueing import events
 from queueing.jobs import GenerationParams
-from workers.engine import PromptError
+from workers.engine import AdmitCallback, PromptError
 
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?:=([\d.]+))?\]\]")
 
@@ -49,13 +49,19 @@ class ScriptedEngine:
         self.in_flight = 0
         self.peak_in_flight = 0
 
-    def stream(self, request_id: str, params: GenerationParams) -> Iterator[events.TokenEvent]:
+    def stream(self, request_id: str, params: GenerationParams,
+               admit: AdmitCallback | None = None) -> Iterator[events.TokenEvent]:
         """Yield ``tok0 tok1 ...`` as deltas, then a terminal event."""
         text = _prompt_text(params)
         directives = {name: value for name, value in _DIRECTIVE.findall(text)}
         prompt_tokens = len(text.split())
         if "too_long" in directives:
             yield PromptError("This model's maximum context length is 16 tokens.").to_event()
+            return
+        count = params.max_tokens or 8
+        refusal = admit(prompt_tokens, count) if admit else None
+        if refusal is not None:
+            yield refusal
             return
         stop = self._register(request_id)
         try:
@@ -65,7 +71,6 @@ class ScriptedEngine:
             if "fail" in directives:
                 raise ScriptedEngineFailure("scripted engine failure at 10.0.0.7:8000 (internal)")
             delay = float(directives.get("delay") or self.token_delay)
-            count = params.max_tokens or 8
             for i in range(count):
                 if stop.is_set() or (delay and stop.wait(delay)):
                     yield events.Cancelled(usage=events.Usage(prompt_tokens, i))

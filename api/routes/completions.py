@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, ValidationError
 
 from api import errors, serving
@@ -46,7 +46,7 @@ def _endpoint(model: type[Any], serve: Callable[..., serving.Served]) -> Respons
     parsed = _parse(model)
     if isinstance(parsed, ErrorResponse):
         return errors.to_response(parsed)
-    return _respond(serve(services().gateway, parsed))
+    return _respond(serve(services().gateway, parsed, g.principal))
 
 
 @bp.post("/chat/completions")
