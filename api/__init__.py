@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 
 from api import errors
 from api.auth import KeyStore
@@ -13,12 +15,15 @@ from api.db import Database
 from api.extensions import Services
 from api.gateway import Gateway
 from api.ledger import Ledger
+from api.ratelimit import KeyRateLimiter, failed_auth_only, ip_limiter
 from api.routes import completions, health, models, usage
 from config import Settings, get_settings
 from queueing.celery_app import make_celery
 from queueing.connections import get_redis
 
 log = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"[\w.-]{1,64}")
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -42,7 +47,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     client = get_redis(settings.redis_url)
     ledger = Ledger(client, db)
     gateway = Gateway(settings, client, make_celery(settings), used_on=ledger.used_on)
-    app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway, ledger)
+    app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway, ledger,
+                                        KeyRateLimiter(settings.redis_url))
     if settings.ledger_drain:
         ledger.start_background()
     if settings.placeholder_keys:
@@ -51,12 +57,21 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     _register_hooks(app, settings)
     errors.register_error_handlers(app)
+    limiter = ip_limiter(app, settings)
+    limiter.limit(settings.ip_rate_limit)(health.bp)
+    for blueprint in (models.bp, completions.bp, usage.bp):
+        limiter.limit(settings.auth_failure_limit, deduct_when=failed_auth_only)(blueprint)
     for blueprint in (health.bp, models.bp, completions.bp, usage.bp):
         app.register_blueprint(blueprint)
     return app
 
 
 def _register_hooks(app: Flask, settings: Settings) -> None:
+    @app.before_request
+    def _request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
     @app.before_request
     def _reject_oversize() -> Response | None:
         # Before auth and before any parsing: the declared length is enough.
@@ -69,6 +84,8 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
     @app.after_request
     def _security_headers(response: Response) -> Response:
         response.headers.update(SECURITY_HEADERS)
+        response.headers.update(g.get("ratelimit_headers", {}))
+        response.headers["X-Request-ID"] = g.get("request_id", "")
         if request.path.startswith("/v1/"):
             response.headers.setdefault("Cache-Control", "no-store")
         return response

@@ -6,22 +6,28 @@ are hashed at start) and compared in constant time.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from flask import g, request
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api import errors
 from api.db import ApiKey, Database
 from api.extensions import services
 
 log = logging.getLogger(__name__)
+
+LAST_USED_RESOLUTION = 60.0  # seconds
 
 
 def hash_key(key: str) -> str:
@@ -36,10 +42,28 @@ def display_prefix(key: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a key's name and prefix, never the key itself."""
+    """Who is calling: a key's id, name, prefix and limits, never the key itself.
 
+    Limits that are ``None`` are unlimited; ``models`` ``None`` means every model.
+    """
+
+    key_id: str
     name: str
     prefix: str
+    rpm: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
+    models: frozenset[str] | None = None
+
+    def may_use(self, model: str) -> bool:
+        """True when the key is not restricted away from ``model``."""
+        return self.models is None or model in self.models
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> Principal:
+        models = frozenset(m.strip() for m in row.models.split(",") if m.strip()) if row.models else None
+        return cls(key_id=row.public_id, name=row.name, prefix=row.prefix, rpm=row.rpm, tpm=row.tpm,
+                   daily_tokens=row.daily_tokens, models=models)
 
 
 class KeyStore:
@@ -48,6 +72,7 @@ class KeyStore:
     def __init__(self, db: Database, bootstrap_keys: list[str]):
         self.db = db
         self._bootstrap = [(hash_key(k), display_prefix(k)) for k in bootstrap_keys]
+        self._last_used_written: dict[str, float] = {}
 
     def verify(self, key: str) -> Principal | None:
         """The principal for ``key``, or ``None`` if it is unknown or revoked."""
@@ -55,14 +80,35 @@ class KeyStore:
         match = None
         for known, prefix in self._bootstrap:  # no early exit: constant time over the list
             if hmac.compare_digest(known, digest):
-                match = Principal(name="bootstrap", prefix=prefix)
+                match = Principal(key_id=f"bootstrap-{known[:8]}", name="bootstrap", prefix=prefix)
         if match:
             return match
+        # Looked up on every request (an indexed read), so a revoked or expired
+        # key is refused at once on every API host.
         with self.db.sessions() as session:
             row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
-        if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, digest):
-            return None
-        return Principal(name=row.name, prefix=row.prefix)
+            if row is None or not hmac.compare_digest(row.key_hash, digest) or not _usable(row):
+                return None
+            self._touch(session, row)
+            return Principal.from_row(row)
+
+    def _touch(self, session: Session, row: ApiKey) -> None:
+        """Record ``last_used_at``, at most once a minute per key and process."""
+        now = time.monotonic()
+        if now - self._last_used_written.get(row.public_id, -1e9) < LAST_USED_RESOLUTION:
+            return
+        self._last_used_written[row.public_id] = now
+        row.last_used_at = dt.datetime.now(dt.UTC)
+        session.commit()
+
+
+def _usable(row: ApiKey) -> bool:
+    if row.revoked_at is not None:
+        return False
+    if row.expires_at is None:
+        return True
+    expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.UTC)
+    return expires > dt.datetime.now(dt.UTC)
 
 
 def presented_key() -> str | None:
@@ -91,6 +137,15 @@ def require_api_key(view: Callable[..., Any]) -> Callable[..., Any]:
                 401, f"Incorrect API key provided: {display_prefix(key)}", "invalid_request_error",
                 "invalid_api_key"))
         g.principal = principal
+        try:
+            decision = services().rate_limits.hit_request(principal.key_id, principal.rpm)
+        except redis.RedisError:
+            log.exception("rate limiter unavailable")
+            return errors.to_response(errors.unavailable("The service is unavailable; try again shortly.",
+                                                         code="queue_unavailable"))
+        g.ratelimit_headers = decision.headers
+        if decision.error is not None:
+            return errors.to_response(decision.error)
         return view(*args, **kwargs)
 
     return wrapped

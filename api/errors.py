@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, has_request_context, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -41,10 +41,11 @@ def from_event(event: events.Error) -> ErrorResponse:
 
 
 def internal_error(exc: BaseException | None = None) -> ErrorResponse:
-    """500 with a reference id; details go to the log only."""
-    ref = uuid.uuid4().hex[:12]
-    log.error("internal error (ref %s)", ref, exc_info=exc)
-    return error(500, f"The server had an error while processing your request (ref {ref}).",
+    """500 naming the request id; details go to the log only."""
+    ref = g.get("request_id") if has_request_context() else None
+    ref = ref or uuid.uuid4().hex
+    log.error("internal error (request id %s)", ref, exc_info=exc)
+    return error(500, f"The server had an error while processing your request (request id {ref}).",
                  "server_error")
 
 
@@ -70,6 +71,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
+        if exc.response is not None:  # already rendered (e.g. by the rate limiter's on_breach)
+            return exc.response  # type: ignore[return-value]
         status = exc.code or 500
         if status >= 500:
             return to_response(internal_error(exc))

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from api.db import Database
     from api.gateway import Gateway
     from api.ledger import Ledger
+    from api.ratelimit import KeyRateLimiter
     from config import Settings
 
 
@@ -22,6 +23,7 @@ class Services:
     keys: KeyStore
     gateway: Gateway
     ledger: Ledger
+    rate_limits: KeyRateLimiter
 
 
 def services() -> Services:

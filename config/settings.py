@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     job_ttl: int = Field(86400, ge=60)
     visibility_timeout: int = Field(3600, ge=60)
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    ip_rate_limit: str = "600/minute"
+    auth_failure_limit: str = "20/minute"
     worker_heartbeat_interval: float = Field(5.0, gt=0)
     worker_heartbeat_ttl: float = Field(15.0, gt=0)
 

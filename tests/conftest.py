@@ -109,6 +109,7 @@ def base_env(redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
         "WORKER_HEARTBEAT_INTERVAL": "1",
         "WORKER_HEARTBEAT_TTL": "3",
         "WORKER_METRICS_PORT": "0",
+        "AUTH_FAILURE_LIMIT": "1000/minute",
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra)
@@ -152,6 +153,17 @@ def scripted_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
     worker.stop()
 
 
+@pytest.fixture(scope="module")
+def two_apis(redis_url: str, scripted_worker: Process, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[tuple[Path, list[str]]]:
+    """Two gunicorn API servers sharing Redis and one SQLite database."""
+    tmp = tmp_path_factory.mktemp("two-apis")
+    procs = [start_api(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL) for _ in range(2)]
+    yield tmp, [base for _, base in procs]
+    for proc, _ in procs:
+        proc.stop()
+
+
 @pytest.fixture
 def app_config(redis_url: str, tmp_path: Path) -> dict[str, Any]:
     return {
@@ -162,6 +174,7 @@ def app_config(redis_url: str, tmp_path: Path) -> dict[str, Any]:
         "queue_timeout": 10.0,
         "idle_timeout": 5.0,
         "ledger_drain": False,  # GET /v1/usage drains synchronously
+        "auth_failure_limit": "1000/minute",  # tests share 127.0.0.1; test_ratelimit lowers it
     }
 
 

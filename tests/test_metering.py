@@ -18,7 +18,7 @@ from api.auth import hash_key
 from api.db import ApiKey, Database
 from config import Settings
 from queueing import keys, metering
-from tests.conftest import SCRIPTED_MODEL, start_api
+from tests.conftest import SCRIPTED_MODEL
 from tests.sse_client import chunks, frames
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
@@ -122,15 +122,6 @@ def test_counters_rebuild_from_sql_after_redis_loses_them(client, app_config, re
     counter = redis_client.hgetall(keys.quota(key_id, metering.quota_day()))
     assert counter == {"used": str(2 * 13 + 5), "reserved": "0"}
     assert client.get("/v1/usage", headers=headers).json["today"]["total_tokens"] == 2 * 13 + 5
-
-
-@pytest.fixture(scope="module")
-def two_apis(redis_url, scripted_worker, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("two-apis")
-    procs = [start_api(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL) for _ in range(2)]
-    yield tmp, [base for _, base in procs]
-    for proc, _ in procs:
-        proc.stop()
 
 
 def test_fifty_concurrent_requests_never_cross_the_quota(two_apis, redis_client):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import redis
 from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, ValidationError
 
 from api import errors, serving
+from api.admission import worst_case_tokens
 from api.auth import require_api_key
 from api.extensions import services
 from api.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
@@ -46,7 +48,16 @@ def _endpoint(model: type[Any], serve: Callable[..., serving.Served]) -> Respons
     parsed = _parse(model)
     if isinstance(parsed, ErrorResponse):
         return errors.to_response(parsed)
-    return _respond(serve(services().gateway, parsed, g.principal))
+    svc, principal = services(), g.principal
+    tokens = worst_case_tokens(parsed.to_params(), svc.settings.max_model_len)
+    try:
+        decision = svc.rate_limits.hit_tokens(principal.key_id, principal.tpm, tokens)
+    except redis.RedisError:
+        return errors.to_response(errors.unavailable("The queue is unavailable.", code="queue_unavailable"))
+    g.ratelimit_headers = {**g.get("ratelimit_headers", {}), **decision.headers}
+    if decision.error is not None:
+        return errors.to_response(decision.error)
+    return _respond(serve(svc.gateway, parsed, principal))
 
 
 @bp.post("/chat/completions")
