@@ -38,6 +38,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ``test_config`` overrides settings fields (as ``Settings(**test_config)``).
     """
     settings = Settings(**test_config) if test_config else get_settings()
+    if not logging.getLogger().handlers:  # under gunicorn nothing has configured logging yet
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -85,3 +85,44 @@ def test_rpm_holds_exactly_across_two_api_processes(two_apis):
         codes = list(pool.map(one, range(60)))
     assert codes.count(200) == 20
     assert codes.count(429) == 40
+
+
+def test_model_restricted_key_sees_and_uses_only_its_models(client, app_config):
+    key, _ = add_key(app_config["database_url"], models="some-other-model")
+    headers = {"X-API-Key": key}
+    assert client.get("/v1/models", headers=headers).json["data"] == []
+    resp = client.post("/v1/chat/completions", headers=headers,
+                       json={"model": SCRIPTED_MODEL, "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 404
+    assert resp.json["error"]["code"] == "model_not_found"
+
+
+def test_revocation_is_immediate_on_every_api_process(two_apis):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from api.db import ApiKey, Database
+    from config import Settings
+
+    tmp, bases = two_apis
+    url = f"sqlite:///{tmp / 'inferq.db'}"
+    key, key_id = add_key(url)
+    assert all(httpx.get(f"{b}/v1/models", headers={"X-API-Key": key}).status_code == 200 for b in bases)
+    db = Database(Settings(database_url=url))
+    with db.sessions.begin() as session:
+        session.execute(update(ApiKey).where(ApiKey.public_id == key_id)
+                        .values(revoked_at=dt.datetime.now(dt.UTC)))
+    assert all(httpx.get(f"{b}/v1/models", headers={"X-API-Key": key}).status_code == 401 for b in bases)
+
+
+def test_no_key_material_in_logs(two_apis):
+    tmp, bases = two_apis
+    secret_guess = "iq-" + secrets.token_urlsafe(24)
+    httpx.get(f"{bases[0]}/v1/models", headers={"Authorization": f"Bearer {secret_guess}"})
+    key, _ = add_key(f"sqlite:///{tmp / 'inferq.db'}")
+    httpx.post(f"{bases[1]}/v1/chat/completions", headers={"X-API-Key": key},
+               json={"model": SCRIPTED_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+    logs = "".join(p.read_text() for p in tmp.glob("*.log"))
+    assert "rejected API key iq-" in logs  # the prefix is logged...
+    assert secret_guess not in logs and key not in logs  # ...never the key

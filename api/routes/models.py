@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import redis
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, g, jsonify
 
 from api import errors
 from api.auth import require_api_key
@@ -24,4 +24,5 @@ def list_models() -> Response:
         names = services().gateway.served_models()
     except redis.RedisError:
         return errors.to_response(errors.unavailable("The queue is unavailable.", code="queue_unavailable"))
-    return jsonify(ModelList(data=[ModelCard(id=n, created=_STARTED) for n in names]).model_dump())
+    visible = [n for n in names if g.principal.may_use(n)]
+    return jsonify(ModelList(data=[ModelCard(id=n, created=_STARTED) for n in visible]).model_dump())
