@@ -21,6 +21,8 @@ LAZY_COMMANDS = {
     "prepare-model": "workers.cli:prepare_model",
     "download-model": "workers.cli:download_model",
     "run": "inferq.stack:run",
+    "db": "api.keys_cli:db",
+    "keys": "api.keys_cli:keys",
 }
 
 

@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from api import create_app
-from api.auth import KeyStore, display_prefix, hash_key
+from api.auth import KeyStore, Principal, display_prefix, hash_key
 from api.db import ApiKey
+from api.keys import new_public_id
 from queueing import jobs
 from tests.conftest import TEST_KEY
 
@@ -33,10 +34,14 @@ def build_app(app_config: dict[str, Any], **overrides: Any) -> Any:
     return flask_app
 
 
-def add_key(app: Any, key: str, name: str = "ci") -> None:
+def add_key(app: Any, key: str, name: str = "ci") -> str:
+    """Store ``key`` as a SQL key; returns its public id."""
+    public_id = new_public_id()
     with app.extensions["inferq"].db.sessions() as session:
-        session.add(ApiKey(name=name, key_hash=hash_key(key), prefix=display_prefix(key)))
+        session.add(ApiKey(public_id=public_id, name=name, key_hash=hash_key(key),
+                           prefix=display_prefix(key)))
         session.commit()
+    return public_id
 
 
 # --- keys -------------------------------------------------------------------
@@ -91,11 +96,13 @@ def test_sql_key_works_until_revoked(app: Any, client: Any) -> None:
 def test_verify_returns_principal(app: Any) -> None:
     store: KeyStore = app.extensions["inferq"].keys
     key = f"iq-named-{jobs.new_job_id()}"
-    add_key(app, key, name="alice")
+    public_id = add_key(app, key, name="alice")
     principal = store.verify(key)
-    assert principal is not None and (principal.name, principal.prefix) == ("alice", key[:6] + "...")
+    assert principal == Principal(key_id=public_id, name="alice", prefix=key[:6] + "...")
+    assert principal.may_use("any-model")
     boot = store.verify(TEST_KEY)
     assert boot is not None and boot.name == "bootstrap" and boot.prefix == TEST_KEY[:6] + "..."
+    assert boot.key_id.startswith("bootstrap-") and TEST_KEY not in boot.key_id
     assert store.verify(WRONG_KEY) is None
 
 

@@ -47,7 +47,7 @@ def test_environment_overrides_and_key_helpers(monkeypatch):
 def test_cli_help_lists_every_subcommand():
     runner = CliRunner()
     out = runner.invoke(main, ["--help"]).output
-    for command in ("run", "api", "worker", "flower", "prepare-model", "download-model"):
+    for command in ("run", "api", "worker", "flower", "prepare-model", "download-model", "db", "keys"):
         assert command in out
         sub = runner.invoke(main, [command, "--help"])
         assert sub.exit_code == 0, sub.output

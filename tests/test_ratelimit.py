@@ -121,8 +121,8 @@ def test_no_key_material_in_logs(two_apis):
     secret_guess = "iq-" + secrets.token_urlsafe(24)
     httpx.get(f"{bases[0]}/v1/models", headers={"Authorization": f"Bearer {secret_guess}"})
     key, _ = add_key(f"sqlite:///{tmp / 'inferq.db'}")
-    httpx.post(f"{bases[1]}/v1/chat/completions", headers={"X-API-Key": key},
-               json={"model": SCRIPTED_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+    body = {"model": SCRIPTED_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    httpx.post(f"{bases[1]}/v1/chat/completions", headers={"X-API-Key": key}, json=body)
     logs = "".join(p.read_text() for p in tmp.glob("*.log"))
     assert "rejected API key iq-" in logs  # the prefix is logged...
     assert secret_guess not in logs and key not in logs  # ...never the key

@@ -1,0 +1,1 @@
+"""Alembic migrations of the inferq SQL schema (driven by :mod:`api.migrate`)."""
