@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from api import errors
+from api import errors, logs
 from api.auth import KeyStore
 from api.db import Database
 from api.extensions import Services
@@ -38,9 +38,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ``test_config`` overrides settings fields (as ``Settings(**test_config)``).
     """
     settings = Settings(**test_config) if test_config else get_settings()
-    if not logging.getLogger().handlers:  # under gunicorn nothing has configured logging yet
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

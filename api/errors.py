@@ -42,8 +42,7 @@ def from_event(event: events.Error) -> ErrorResponse:
 
 def internal_error(exc: BaseException | None = None) -> ErrorResponse:
     """500 naming the request id; details go to the log only."""
-    ref = g.get("request_id") if has_request_context() else None
-    ref = ref or uuid.uuid4().hex
+    ref = (g.get("request_id") if has_request_context() else None) or uuid.uuid4().hex
     log.error("internal error (request id %s)", ref, exc_info=exc)
     return error(500, f"The server had an error while processing your request (request id {ref}).",
                  "server_error")
@@ -54,8 +53,15 @@ def unavailable(message: str, retry_after: int = 5, code: str = "service_unavail
 
 
 def to_response(err: ErrorResponse) -> Response:
-    """JSON response with the error's status (and ``Retry-After`` when set)."""
-    response = jsonify(err.model_dump())
+    """JSON response with the error's status (and ``Retry-After`` when set).
+
+    Server-side errors name the request id, which the logs carry too.
+    """
+    body = err.model_dump()
+    request_id = g.get("request_id") if has_request_context() else None
+    if err.status_code >= 500 and request_id and request_id not in err.error.message:
+        body["error"]["message"] = f"{err.error.message} (request id {request_id})"
+    response = jsonify(body)
     response.status_code = err.status_code
     if err.retry_after is not None:
         response.headers["Retry-After"] = str(err.retry_after)

@@ -190,3 +190,19 @@ def test_ready_without_worker_is_503(app_config: dict[str, Any]) -> None:
     assert err["type"] == "service_unavailable"
     assert err["code"] == "no_live_worker"
     assert resp.headers["Retry-After"] == "10"
+
+
+def test_redis_down_is_a_generic_503_naming_the_request_id(app_config):
+    from api import create_app
+    from tests.conftest import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    client = create_app({**app_config, "redis_url": dead}).test_client()
+    resp = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {app_config['api_keys']}",
+                                                          "X-Request-ID": "req-abc-123"},
+                       json={"model": "scripted-model", "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 503
+    assert resp.headers["X-Request-ID"] == "req-abc-123"
+    message = resp.json["error"]["message"]
+    assert "req-abc-123" in message
+    assert "127.0.0.1" not in message and dead not in message and "Traceback" not in message
