@@ -16,7 +16,7 @@ from api.extensions import Services
 from api.gateway import Gateway
 from api.ledger import Ledger
 from api.ratelimit import KeyRateLimiter, failed_auth_only, ip_limiter
-from api.routes import completions, health, models, usage
+from api.routes import completions, health, jobs, models, usage
 from config import Settings, get_settings
 from queueing.celery_app import make_celery
 from queueing.connections import get_redis
@@ -60,9 +60,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register_error_handlers(app)
     limiter = ip_limiter(app, settings)
     limiter.limit(settings.ip_rate_limit)(health.bp)
-    for blueprint in (models.bp, completions.bp, usage.bp):
+    for blueprint in (models.bp, completions.bp, jobs.bp, usage.bp):
         limiter.limit(settings.auth_failure_limit, deduct_when=failed_auth_only)(blueprint)
-    for blueprint in (health.bp, models.bp, completions.bp, usage.bp):
+    for blueprint in (health.bp, models.bp, completions.bp, jobs.bp, usage.bp):
         app.register_blueprint(blueprint)
     return app
 

@@ -129,6 +129,29 @@ class Gateway:
                                       code="queue_unavailable")
         return JobStream(self, record.id, subscription)
 
+    def submit_job(self, params: GenerationParams, payer: Payer, endpoint: str,
+                   metadata: str | None) -> JobRecord | ErrorResponse:
+        """Enqueue a job on the batch queue (no one listens to its events); it is
+        listed among the payer's jobs."""
+        record = self._record(params, payer)
+        record.endpoint, record.metadata = endpoint, metadata
+        try:
+            if params.model not in liveness.live_models(self.redis):
+                return self._no_worker(params.model)
+            quota_error = self._create(record, index=keys.jobs_of(payer.key_id))
+            if quota_error is not None:
+                return quota_error
+            try:
+                enqueue_generation(self.celery, record.id, params.to_dict(), params.model, batch=True)
+            except BaseException:
+                self._abandon(record.id)
+                raise
+        except (redis.RedisError, OperationalError, OSError):
+            log.exception("queue unavailable")
+            return errors.unavailable("The queue is unavailable; try again shortly.",
+                                      code="queue_unavailable")
+        return record
+
     def _record(self, params: GenerationParams, payer: Payer | None) -> JobRecord:
         record = JobRecord(id=jobs.new_job_id(), params=params)
         if payer is not None:
@@ -141,14 +164,15 @@ class Gateway:
                 record.reserved_tokens = worst_case_tokens(params, self.settings.max_model_len)
         return record
 
-    def _create(self, record: JobRecord) -> ErrorResponse | None:
+    def _create(self, record: JobRecord, index: str | None = None) -> ErrorResponse | None:
         ttl = self.settings.job_ttl
         try:
             try:
-                jobs.create(self.redis, record, ttl)
+                jobs.create(self.redis, record, ttl, index=index)
             except jobs.QuotaUnseeded:
                 assert record.key_id and record.quota_day
-                jobs.create(self.redis, record, ttl, seed_used=self.used_on(record.key_id, record.quota_day))
+                jobs.create(self.redis, record, ttl, index=index,
+                            seed_used=self.used_on(record.key_id, record.quota_day))
         except jobs.QuotaExceeded as exc:
             log.info("quota: key %s refused %d tokens (%d used, %d reserved of %d)",
                      record.key_id, record.reserved_tokens, exc.used, exc.reserved, exc.limit)

@@ -246,3 +246,37 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- jobs -------------------------------------------------------------------
+
+JobEndpoint = Literal["/v1/chat/completions", "/v1/completions"]
+
+
+class JobCreateRequest(OpenAIModel):
+    endpoint: JobEndpoint
+    body: dict[str, Any]
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    endpoint: str
+    model: str
+    status: str
+    created_at: int
+    started_at: int | None = None
+    completed_at: int | None = None
+    metadata: dict[str, str] | None = None
+    response: dict[str, Any] | None = None
+    usage: UsageInfo | None = None
+    error: ErrorInfo | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

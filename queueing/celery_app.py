@@ -14,6 +14,7 @@ from config import Settings, get_settings
 from queueing import keys
 
 GENERATE_TASK = "inferq.generate"
+GENERATE_BATCH_TASK = "inferq.generate_batch"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -38,12 +39,12 @@ app = make_celery(get_settings())
 
 
 def enqueue_generation(
-    celery: Celery, job_id: str, params: dict[str, Any], served_model: str
+    celery: Celery, job_id: str, params: dict[str, Any], served_model: str, *, batch: bool = False
 ) -> None:
-    """Send one generation job to the queue of ``served_model``."""
+    """Send one generation job to the interactive (or batch) queue of ``served_model``."""
     celery.send_task(
-        GENERATE_TASK,
+        GENERATE_BATCH_TASK if batch else GENERATE_TASK,
         args=[job_id, params],
-        queue=keys.model_queue(served_model),
+        queue=keys.batch_queue(served_model) if batch else keys.model_queue(served_model),
         task_id=job_id,
     )

@@ -99,12 +99,17 @@ class JobRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    error_type: str | None = None
+    error_code: str | None = None
     # Metering: who pays, the day's quota counter, and the tokens held for this job.
     key_id: str | None = None
     quota_key: str | None = None
     quota_day: str | None = None
     quota_limit: int | None = None
     reserved_tokens: int = 0
+    # Jobs submitted through /v1/jobs: listed per key, with the caller's metadata (JSON).
+    endpoint: str | None = None
+    metadata: str | None = None
 
     def to_hash(self) -> dict[str, str]:
         """Flatten for ``HSET``; ``None`` fields are left out."""
@@ -159,8 +164,9 @@ class QuotaUnseeded(Exception):
     """The day's quota counter is missing (new day, or Redis lost it): seed it from SQL."""
 
 
-# KEYS[1] job hash, KEYS[2] quota hash or ''. ARGV: job ttl, tokens to reserve, limit
-# (-1 = none), quota ttl, seed for 'used' ('' = none), then the job's field/value pairs.
+# KEYS[1] job hash, KEYS[2] quota hash or '', KEYS[3] index zset or ''. ARGV: job ttl,
+# tokens to reserve, limit (-1 = none), quota ttl, seed for 'used' ('' = none), created_at,
+# job id, then the job's field/value pairs.
 _CREATE_LUA = """
 local used, reserved = 0, 0
 if KEYS[2] ~= '' then
@@ -175,10 +181,16 @@ if KEYS[2] ~= '' then
   reserved = redis.call('HINCRBY', KEYS[2], 'reserved', amount)
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 end
-for i = 6, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+if KEYS[3] ~= '' then
+  local created = tonumber(ARGV[6])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', created - tonumber(ARGV[1]))
+  redis.call('ZADD', KEYS[3], created, ARGV[7])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
+end
 return {1, used, reserved}
 """
 
@@ -222,9 +234,10 @@ return {1, current}
 
 
 def create(client: redis.Redis, record: JobRecord, ttl: int, *, quota_ttl: int = 2 * 86400,
-           seed_used: int | None = None) -> int:
+           seed_used: int | None = None, index: str | None = None) -> int:
     """Store a new job record; if it names a quota counter, reserve its tokens first.
 
+    ``index`` names a sorted set (by creation time) the job is listed in.
     Atomic: either the reservation fits under ``record.quota_limit`` and the
     job exists, or nothing changed. Returns the key's reserved total.
     Raises :class:`QuotaExceeded`, or :class:`QuotaUnseeded` when the day's
@@ -236,8 +249,9 @@ def create(client: redis.Redis, record: JobRecord, ttl: int, *, quota_ttl: int =
     limit = -1 if record.quota_limit is None else record.quota_limit
     script = client.register_script(_CREATE_LUA)
     status, used, reserved = script(
-        keys=[keys.job(record.id), record.quota_key or ""],
-        args=[ttl, record.reserved_tokens, limit, quota_ttl, "" if seed_used is None else seed_used, *pairs],
+        keys=[keys.job(record.id), record.quota_key or "", index or ""],
+        args=[ttl, record.reserved_tokens, limit, quota_ttl, "" if seed_used is None else seed_used,
+              record.created_at, record.id, *pairs],
     )
     if status == -1:
         raise QuotaUnseeded(record.quota_key)

@@ -33,6 +33,11 @@ def job_events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def jobs_of(key_id: str) -> str:
+    """Sorted set of one key's /v1/jobs jobs, scored by creation time."""
+    return f"{PREFIX}:jobs-of:{key_id}"
+
+
 def quota(key_id: str, day: str) -> str:
     """Hash ``{used, reserved}``: a key's tokens on one UTC day (expires after two days)."""
     return f"{PREFIX}:quota:{key_id}:{day}"
@@ -41,3 +46,8 @@ def quota(key_id: str, day: str) -> str:
 def model_queue(served_model: str) -> str:
     """Celery queue (a Redis list) of interactive work for one served model."""
     return f"{PREFIX}.{served_model}"
+
+
+def batch_queue(served_model: str) -> str:
+    """Celery queue of batch work (jobs, batch lines) for one served model."""
+    return f"{PREFIX}.{served_model}.batch"

@@ -66,6 +66,8 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
     runtime.start()
     node = re.sub(r"[^\w.-]", "_", settings.served_model_name)
     try:
+        # Celery's pool takes interactive work; the runtime's BatchConsumer takes
+        # batch work within BATCH_SHARE of the slots.
         app.worker_main([
             "worker", "--pool", "threads",
             "--concurrency", str(concurrency or settings.max_num_seqs),

@@ -38,9 +38,12 @@ AdmitCallback = Callable[[int, int], "events.Error | None"]
 class Engine(Protocol):
     """What a worker needs from an engine (the real one or a test double)."""
 
-    def stream(self, request_id: str, params: GenerationParams,
-               admit: AdmitCallback | None = None) -> Iterator[events.TokenEvent]:
-        """Yield deltas, then exactly one terminal event."""
+    def stream(self, request_id: str, params: GenerationParams, admit: AdmitCallback | None = None,
+               priority: int = 0) -> Iterator[events.TokenEvent]:
+        """Yield deltas, then exactly one terminal event.
+
+        ``priority``: lower runs first when the engine is full (0 interactive, 1 batch).
+        """
         ...
 
     def abort(self, request_id: str) -> bool:
@@ -166,16 +169,18 @@ class VllmEngine:
             max_num_seqs=s.max_num_seqs,
             gpu_memory_utilization=s.gpu_memory_utilization,
             enforce_eager=on_cpu if s.enforce_eager is None else s.enforce_eager,
+            scheduling_policy="priority",  # interactive requests ahead of batch work
             disable_log_stats=False,
         )
         log.info("starting vLLM engine: model=%s dtype=%s eager=%s",
                  s.model_name, args.dtype, args.enforce_eager)
         return AsyncLLM.from_engine_args(args)
 
-    async def _pump(self, request_id: str, prompt_ids: list[int], sp: SamplingParams,
+    async def _pump(self, request_id: str, prompt_ids: list[int], sp: SamplingParams, priority: int,
                     out: queue.SimpleQueue[Any]) -> None:
         try:
-            async for item in self._engine.generate({"prompt_token_ids": prompt_ids}, sp, request_id):
+            async for item in self._engine.generate({"prompt_token_ids": prompt_ids}, sp, request_id,
+                                                    priority=priority):
                 out.put(item)
         except asyncio.CancelledError:
             raise
@@ -184,8 +189,8 @@ class VllmEngine:
         finally:
             out.put(_END)
 
-    def stream(self, request_id: str, params: GenerationParams,
-               admit: AdmitCallback | None = None) -> Iterator[events.TokenEvent]:
+    def stream(self, request_id: str, params: GenerationParams, admit: AdmitCallback | None = None,
+               priority: int = 0) -> Iterator[events.TokenEvent]:
         """Run one request; yield deltas (coalesced when the consumer lags), then a terminal event."""
         try:
             prompt_ids = build_prompt_ids(self.tokenizer, params, self.max_model_len)
@@ -198,7 +203,7 @@ class VllmEngine:
             yield refusal
             return
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        future = self._run(self._pump(request_id, prompt_ids, sp, outputs))
+        future = self._run(self._pump(request_id, prompt_ids, sp, priority, outputs))
         with self._lock:
             self._running[request_id] = future
         completion_tokens = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import redis
 
@@ -18,6 +19,8 @@ _STATUS_OF = {
     events.Error: JobStatus.FAILED,
     events.Cancelled: JobStatus.CANCELLED,
 }
+
+INTERACTIVE, BATCH = 0, 1  # engine priorities: lower runs first
 
 QUOTA_EXCEEDED = events.Error(
     message="This request would exceed your daily token quota.",
@@ -43,7 +46,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.job_ttl = job_ttl
 
-    def run(self, job_id: str, params: GenerationParams) -> None:
+    def run(self, job_id: str, params: GenerationParams, priority: int = INTERACTIVE) -> None:
         """Generate for ``job_id``, publishing deltas and exactly one terminal event."""
         try:
             jobs.transition(
@@ -59,7 +62,8 @@ class JobRunner:
         parts: list[str] = []
         terminal: events.TerminalEvent = ENGINE_FAILURE
         try:
-            for event in self.engine.stream(job_id, params, admit=self._admission(job_id)):
+            for event in self.engine.stream(job_id, params, admit=self._admission(job_id),
+                                            priority=priority):
                 if isinstance(event, events.Delta):
                     channel.publish(self.redis, job_id, event)
                     parts.append(event.text)
@@ -70,6 +74,10 @@ class JobRunner:
         except Exception:
             log.exception("job %s: engine failed", job_id)
         self.finish(job_id, terminal, "".join(parts))
+
+    def run_batch(self, job_id: str, params: dict[str, Any]) -> None:
+        """Run a batch message's job at batch priority."""
+        self.run(job_id, GenerationParams.from_dict(params), BATCH)
 
     def _admission(self, job_id: str) -> AdmitCallback:
         def admit(prompt_tokens: int, max_new_tokens: int) -> events.Error | None:
@@ -92,6 +100,8 @@ class JobRunner:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 error=getattr(terminal, "message", None),
+                error_type=getattr(terminal, "error_type", None),
+                error_code=getattr(terminal, "code", None),
             )
         except TransitionRefused as refused:
             log.warning("job %s: %s; publishing the terminal event only", job_id, refused)

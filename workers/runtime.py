@@ -12,7 +12,9 @@ import redis
 
 from config import Settings
 from queueing import keys, liveness
+from queueing.celery_app import app as celery_app
 from queueing.connections import get_redis
+from workers.batch_consumer import BatchConsumer
 from workers.engine import Engine
 from workers.runner import JobRunner
 
@@ -32,6 +34,11 @@ def build_engine(settings: Settings) -> Engine:
     return VllmEngine(settings)
 
 
+def batch_slot_count(settings: Settings) -> int:
+    """How many engine slots batch work may hold at once."""
+    return max(1, int(settings.max_num_seqs * settings.batch_share))
+
+
 class WorkerRuntime:
     """Everything a worker process hosts besides Celery itself."""
 
@@ -41,6 +48,8 @@ class WorkerRuntime:
         self.worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.redis = get_redis(settings.redis_url)
         self.runner = JobRunner(engine, self.redis, self.worker_id, settings.job_ttl)
+        self.batch = BatchConsumer(celery_app, keys.batch_queue(settings.served_model_name),
+                                   batch_slot_count(settings), self.runner.run_batch)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -52,9 +61,12 @@ class WorkerRuntime:
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.batch.start()
 
     def stop(self) -> None:
-        """Stop the background threads, leave the live set, release the engine."""
+        """Finish batch lines in flight, stop the background threads, leave the live set,
+        release the engine."""
+        self.batch.stop()
         self._stopping.set()
         try:
             liveness.retire(self.redis, self.settings.served_model_name, self.worker_id)

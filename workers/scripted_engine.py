@@ -49,8 +49,8 @@ class ScriptedEngine:
         self.in_flight = 0
         self.peak_in_flight = 0
 
-    def stream(self, request_id: str, params: GenerationParams,
-               admit: AdmitCallback | None = None) -> Iterator[events.TokenEvent]:
+    def stream(self, request_id: str, params: GenerationParams, admit: AdmitCallback | None = None,
+               priority: int = 0) -> Iterator[events.TokenEvent]:
         """Yield ``tok0 tok1 ...`` as deltas, then a terminal event."""
         text = _prompt_text(params)
         directives = {name: value for name, value in _DIRECTIVE.findall(text)}

@@ -7,9 +7,14 @@ from typing import Any
 from queueing.celery_app import GENERATE_TASK, app
 from queueing.jobs import GenerationParams
 from workers import runtime
+from workers.runner import INTERACTIVE
 
 
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, params: dict[str, Any]) -> None:
-    """Run one generation job; the result travels over pub/sub and the job record."""
-    runtime.current().runner.run(job_id, GenerationParams.from_dict(params))
+    """Run one interactive generation job; the result travels over pub/sub and the job record.
+
+    Batch work (``GENERATE_BATCH_TASK`` messages) is consumed by
+    :class:`workers.batch_consumer.BatchConsumer`, not by Celery's pool.
+    """
+    runtime.current().runner.run(job_id, GenerationParams.from_dict(params), INTERACTIVE)

@@ -1,0 +1,53 @@
+"""Helpers every /v1 blueprint shares: parse a JSON body, charge tokens, respond."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
+
+import redis
+from flask import Response, g, request
+from pydantic import BaseModel, ValidationError
+
+from api import errors
+from api.admission import worst_case_tokens
+from api.extensions import services
+from api.protocol import ErrorResponse
+from queueing.jobs import GenerationParams
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def parse_body(model: type[R]) -> R | ErrorResponse:
+    """The JSON body validated as ``model``, or a 400 naming the problem."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return errors.invalid_request(
+            "We could not parse the JSON body of your request. The body must be a JSON object "
+            "(send 'Content-Type: application/json').")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        return errors.from_validation_error(exc)
+
+
+def charge_tokens(params: GenerationParams) -> ErrorResponse | None:
+    """Charge the request's worst case against the caller's tokens per minute."""
+    svc, principal = services(), g.principal
+    tokens = worst_case_tokens(params, svc.settings.max_model_len)
+    try:
+        decision = svc.rate_limits.hit_tokens(principal.key_id, principal.tpm, tokens)
+    except redis.RedisError:
+        return errors.unavailable("The queue is unavailable.", code="queue_unavailable")
+    g.ratelimit_headers = {**g.get("ratelimit_headers", {}), **decision.headers}
+    return decision.error
+
+
+def respond(result: BaseModel | ErrorResponse | Iterator[str], status: int = 200) -> Response:
+    """Map a serving result to HTTP: an error, a JSON body, or an SSE stream."""
+    if isinstance(result, ErrorResponse):
+        return errors.to_response(result)
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), status=status, mimetype="application/json")
+    return Response(result, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

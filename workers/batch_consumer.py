@@ -1,0 +1,101 @@
+"""Consumes a model's batch queue with at most a fixed share of the engine's slots.
+
+Celery's worker consumes the interactive queue only. Batch work (jobs, batch
+lines) arrives as ordinary Celery task messages on a second queue, consumed
+here through kombu with a QoS prefetch of exactly ``slots`` unacknowledged
+messages: batch work can never hold more than its share, and never a slot or a
+prefetched message that an interactive request needs. Messages are
+acknowledged late, after the line ran, from the consumer thread (kombu channels
+are not thread-safe); a killed worker's lines are redelivered like Celery's.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from celery import Celery
+from kombu import Consumer, Exchange, Queue
+from kombu.message import Message
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, dict[str, Any]], None]
+
+
+class BatchConsumer:
+    """A background consumer of one batch queue, ``slots`` lines at a time."""
+
+    def __init__(self, app: Celery, queue_name: str, slots: int, handle: Handler):
+        self.app = app
+        self.queue = Queue(queue_name, Exchange(queue_name, type="direct"), routing_key=queue_name)
+        self.slots = slots
+        self.handle = handle
+        self._pool = ThreadPoolExecutor(slots, thread_name_prefix="batch")
+        self._finished: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="batch-consumer", daemon=True)
+
+    def start(self) -> None:
+        """Start consuming in a background thread."""
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking lines, let running ones finish and acknowledge them, then return."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._consume()
+            except Exception as exc:  # noqa: BLE001 - connection trouble: retry
+                log.warning("batch consumer lost the broker (%s); reconnecting", exc)
+                self._stop.wait(1.0)
+
+    def _consume(self) -> None:
+        with self.app.connection_for_read() as connection, connection.channel() as channel:
+            consumer = Consumer(channel, queues=[self.queue], accept=["json"], prefetch_count=self.slots,
+                                on_message=self._on_message)
+            with consumer:
+                while not self._stop.is_set():
+                    self._acknowledge_finished()
+                    try:
+                        connection.drain_events(timeout=0.2)
+                    except TimeoutError:
+                        pass
+                consumer.cancel()
+                # Acknowledge in-flight lines before the channel closes, or kombu
+                # would put them back on the queue for a second run.
+                self._pool.shutdown(wait=True)
+                self._acknowledge_finished()
+
+    def _on_message(self, message: Message) -> None:
+        try:
+            args = message.decode()[0]  # Celery protocol 2 body: [args, kwargs, embed]
+            job_id, params = args[0], args[1]
+        except (ValueError, TypeError, IndexError, KeyError):
+            log.error("dropping a malformed batch message")
+            message.ack()
+            return
+        self._pool.submit(self._execute, message, job_id, params)
+
+    def _execute(self, message: Message, job_id: str, params: dict[str, Any]) -> None:
+        try:
+            self.handle(job_id, params)
+        except Exception:  # noqa: BLE001 - the runner already reported the job's failure
+            log.exception("batch job %s failed", job_id)
+        finally:
+            self._finished.put(message)
+
+    def _acknowledge_finished(self) -> None:
+        while True:
+            try:
+                message = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            message.ack()
