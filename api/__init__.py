@@ -11,12 +11,15 @@ from flask import Flask, Response, g, request
 
 from api import errors, logs
 from api.auth import KeyStore
+from api.batch_runner import BatchRunner
+from api.batch_store import BatchStore
 from api.db import Database
 from api.extensions import Services
+from api.files import FileStore
 from api.gateway import Gateway
 from api.ledger import Ledger
 from api.ratelimit import KeyRateLimiter, failed_auth_only, ip_limiter
-from api.routes import completions, health, jobs, models, usage
+from api.routes import batches, completions, files, health, jobs, models, usage
 from config import Settings, get_settings
 from queueing.celery_app import make_celery
 from queueing.connections import get_redis
@@ -30,6 +33,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+UPLOAD_PATH = "/v1/files"
+MULTIPART_OVERHEAD = 64 * 1024  # an upload's body: the file plus boundaries, part headers, purpose
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -48,8 +53,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     client = get_redis(settings.redis_url)
     ledger = Ledger(client, db)
     gateway = Gateway(settings, client, make_celery(settings), used_on=ledger.used_on)
+    files_store = FileStore(db, settings)
+    batches_runner = BatchRunner(BatchStore(db), files_store, gateway)
+    ledger.hooks.append(batches_runner.on_settled)  # finished batch lines ride on the usage stream
     app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway, ledger,
-                                        KeyRateLimiter(settings.redis_url))
+                                        KeyRateLimiter(settings.redis_url), files_store, batches_runner)
     if settings.ledger_drain:
         ledger.start_background()
     if settings.placeholder_keys:
@@ -60,9 +68,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register_error_handlers(app)
     limiter = ip_limiter(app, settings)
     limiter.limit(settings.ip_rate_limit)(health.bp)
-    for blueprint in (models.bp, completions.bp, jobs.bp, usage.bp):
+    api_blueprints = (models.bp, completions.bp, jobs.bp, usage.bp, files.bp, batches.bp)
+    for blueprint in api_blueprints:
         limiter.limit(settings.auth_failure_limit, deduct_when=failed_auth_only)(blueprint)
-    for blueprint in (health.bp, models.bp, completions.bp, jobs.bp, usage.bp):
+    for blueprint in (health.bp, *api_blueprints):
         app.register_blueprint(blueprint)
     return app
 
@@ -75,8 +84,15 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def _reject_oversize() -> Response | None:
-        # Before auth and before any parsing: the declared length is enough.
-        if (request.content_length or 0) > settings.max_request_bytes:
+        # Before auth and before any parsing: the declared length is enough. Uploads get their
+        # own limit, which werkzeug also enforces while reading a body sent without a length.
+        if request.method == "POST" and request.path == UPLOAD_PATH:
+            request.max_content_length = settings.max_file_bytes + MULTIPART_OVERHEAD
+            if (request.content_length or 0) > request.max_content_length:
+                return errors.to_response(errors.error(
+                    413, f"Upload too large: a file may hold at most {settings.max_file_bytes} bytes.",
+                    "invalid_request_error", "file_too_large", "file"))
+        elif (request.content_length or 0) > settings.max_request_bytes:
             return errors.to_response(errors.error(
                 413, f"Request body too large: the limit is {settings.max_request_bytes} bytes.",
                 "invalid_request_error", "request_too_large"))

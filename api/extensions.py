@@ -9,7 +9,9 @@ from flask import current_app
 
 if TYPE_CHECKING:
     from api.auth import KeyStore
+    from api.batch_runner import BatchRunner
     from api.db import Database
+    from api.files import FileStore
     from api.gateway import Gateway
     from api.ledger import Ledger
     from api.ratelimit import KeyRateLimiter
@@ -24,6 +26,8 @@ class Services:
     gateway: Gateway
     ledger: Ledger
     rate_limits: KeyRateLimiter
+    files: FileStore
+    batches: BatchRunner
 
 
 def services() -> Services:

@@ -108,7 +108,7 @@ class Gateway:
     def submit(self, params: GenerationParams, payer: Payer | None = None) -> JobStream | ErrorResponse:
         """Reserve the request's worst case against the payer's quota and enqueue it,
         or say why it cannot run now."""
-        record = self._record(params, payer)
+        record = self.new_record(params, payer)
         try:
             if params.model not in liveness.live_models(self.redis):
                 return self._no_worker(params.model)
@@ -133,12 +133,22 @@ class Gateway:
                    metadata: str | None) -> JobRecord | ErrorResponse:
         """Enqueue a job on the batch queue (no one listens to its events); it is
         listed among the payer's jobs."""
-        record = self._record(params, payer)
+        record = self.new_record(params, payer)
         record.endpoint, record.metadata = endpoint, metadata
         try:
             if params.model not in liveness.live_models(self.redis):
                 return self._no_worker(params.model)
-            quota_error = self._create(record, index=keys.jobs_of(payer.key_id))
+        except redis.RedisError:
+            log.exception("queue unavailable")
+            return errors.unavailable("The queue is unavailable; try again shortly.",
+                                      code="queue_unavailable")
+        return self.enqueue_batch(record, index=keys.jobs_of(payer.key_id))
+
+    def enqueue_batch(self, record: JobRecord, index: str | None = None) -> JobRecord | ErrorResponse:
+        """Reserve and enqueue a prepared record on the batch queue (waits for a worker if none is live)."""
+        params = record.params
+        try:
+            quota_error = self._create(record, index=index)
             if quota_error is not None:
                 return quota_error
             try:
@@ -152,8 +162,10 @@ class Gateway:
                                       code="queue_unavailable")
         return record
 
-    def _record(self, params: GenerationParams, payer: Payer | None) -> JobRecord:
-        record = JobRecord(id=jobs.new_job_id(), params=params)
+    def new_record(self, params: GenerationParams, payer: Payer | None,
+                   job_id: str | None = None) -> JobRecord:
+        """A job record for ``params``, charged to ``payer`` (with its worst case to reserve)."""
+        record = JobRecord(id=job_id or jobs.new_job_id(), params=params)
         if payer is not None:
             day = metering.quota_day()
             record.key_id = payer.key_id

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,9 @@ class Ledger:
     def __init__(self, client: redis.Redis, db: Database):
         self.redis = client
         self.db = db
+        #: Called with each drained batch of entries after they are in SQL, before they
+        #: are acknowledged (so a crash in between replays them: hooks must be idempotent).
+        self.hooks: list[Callable[[list[tuple[str, dict[str, str]]]], None]] = []
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self._group_ready = False
         self._lock = threading.Lock()
@@ -82,6 +86,8 @@ class Ledger:
             if not entries:
                 return 0
             self._write(entries)
+            for hook in self.hooks:
+                hook(entries)
             ids = [entry_id for entry_id, _ in entries]
             self.redis.xack(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP, *ids)
             return len(entries)

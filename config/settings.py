@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "sqlite:///data/inferq.db"
 
+    # Files (uploads for batches, batch outputs): shared storage when several API hosts serve
+    files_dir: str = "data/files"
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_file_lines: int = Field(50_000, ge=1)
+
     # Processes and ports
     api_host: str = "0.0.0.0"
     api_port: int = 8020

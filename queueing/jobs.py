@@ -101,6 +101,7 @@ class JobRecord:
     error: str | None = None
     error_type: str | None = None
     error_code: str | None = None
+    error_status: int | None = None
     # Metering: who pays, the day's quota counter, and the tokens held for this job.
     key_id: str | None = None
     quota_key: str | None = None
@@ -110,6 +111,9 @@ class JobRecord:
     # Jobs submitted through /v1/jobs: listed per key, with the caller's metadata (JSON).
     endpoint: str | None = None
     metadata: str | None = None
+    # Lines of a batch (/v1/batches): which batch, and the line's custom_id.
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     def to_hash(self) -> dict[str, str]:
         """Flatten for ``HSET``; ``None`` fields are left out."""
@@ -128,7 +132,7 @@ class JobRecord:
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> JobRecord:
         floats = ("created_at", "started_at", "finished_at")
-        ints = ("prompt_tokens", "completion_tokens", "quota_limit", "reserved_tokens")
+        ints = ("prompt_tokens", "completion_tokens", "quota_limit", "reserved_tokens", "error_status")
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             if name == "params":
@@ -215,7 +219,7 @@ end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 if ARGV[4] == '1' then
   local f = redis.call('HMGET', KEYS[1], 'key_id', 'quota_key', 'reserved_tokens', 'quota_day',
-                      'prompt_tokens', 'completion_tokens', 'params', 'id')
+                      'prompt_tokens', 'completion_tokens', 'params', 'id', 'batch_id')
   if f[1] then
     local prompt, completion = tonumber(f[5] or '0'), tonumber(f[6] or '0')
     if f[2] and redis.call('EXISTS', f[2]) == 1 then
@@ -225,7 +229,7 @@ if ARGV[4] == '1' then
     redis.call('HSET', KEYS[1], 'reserved_tokens', 0)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000000, '*', 'job_id', f[8], 'key_id', f[1],
                'model', cjson.decode(f[7]).model, 'day', f[4] or '', 'prompt_tokens', prompt,
-               'completion_tokens', completion, 'status', ARGV[1])
+               'completion_tokens', completion, 'status', ARGV[1], 'batch_id', f[9] or '')
   end
 end
 if KEYS[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[3]) end

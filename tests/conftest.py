@@ -173,6 +173,7 @@ def app_config(redis_url: str, tmp_path: Path) -> dict[str, Any]:
         "served_model_name": SCRIPTED_MODEL,
         "queue_timeout": 10.0,
         "idle_timeout": 5.0,
+        "files_dir": str(tmp_path / "files"),
         "ledger_drain": False,  # GET /v1/usage drains synchronously
         "auth_failure_limit": "1000/minute",  # tests share 127.0.0.1; test_ratelimit lowers it
     }

@@ -19,7 +19,7 @@ from api.db import Base, Database
 from config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = {"api_keys", "usage_ledger", "alembic_version"}
+TABLES = {"api_keys", "usage_ledger", "files", "alembic_version"}
 RACER = """
 import sys
 from api import migrate
@@ -51,10 +51,11 @@ def test_indexes_and_unique_constraints(database_url: str) -> None:
     migrate.upgrade(database_url)
     engine = create_engine(database_url, poolclass=NullPool)
     inspector = inspect(engine)
-    indexes = {i["name"]: (i["column_names"], bool(i["unique"])) for t in ("api_keys", "usage_ledger")
-               for i in inspector.get_indexes(t)}
+    indexes = {i["name"]: (i["column_names"], bool(i["unique"]))
+               for t in ("api_keys", "usage_ledger", "files") for i in inspector.get_indexes(t)}
     assert indexes["ix_api_keys_key_hash"] == (["key_hash"], True)
     assert indexes["ix_usage_ledger_key_day"] == (["key_id", "day"], False)
+    assert indexes["ix_files_key_id"] == (["key_id"], False)
     uniques = {u["name"]: u["column_names"] for u in inspector.get_unique_constraints("api_keys")}
     assert uniques["uq_api_keys_public_id"] == ["public_id"]
     engine.dispose()
@@ -62,7 +63,7 @@ def test_indexes_and_unique_constraints(database_url: str) -> None:
 
 def test_upgrade_is_idempotent(database_url: str) -> None:
     assert migrate.current(database_url) is None
-    assert migrate.upgrade(database_url) == migrate.head() == "0001_initial"
+    assert migrate.upgrade(database_url) == migrate.head()
     assert migrate.upgrade(database_url) == migrate.head()
     assert migrate.current(database_url) == migrate.head()
     assert TABLES <= tables(database_url)
@@ -114,7 +115,7 @@ def test_downgrade_to_base_and_back(database_url: str) -> None:
     migrate.upgrade(database_url)
     command.downgrade(migrate.alembic_config(database_url), "base")
     assert migrate.current(database_url) is None
-    assert not {"api_keys", "usage_ledger"} & tables(database_url)
+    assert not {"api_keys", "usage_ledger", "files"} & tables(database_url)
     assert migrate.upgrade(database_url) == migrate.head()
 
 

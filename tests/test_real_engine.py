@@ -30,7 +30,7 @@ def stack(redis_url, tmp_path_factory):
     worker = start_worker(redis_url, tmp, MODEL, 300, MODEL_NAME=str(REAL_MODEL_DIR),
                           WORKER_METRICS_PORT=str(metrics_port), MAX_NUM_SEQS="16",
                           MAX_MODEL_LEN="1024", KV_CACHE_SPACE_GIB="1")
-    api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=MODEL)
+    api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=MODEL, FILES_DIR=str(tmp / "files"))
     yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     api.stop()
     worker.stop(60)
@@ -111,3 +111,26 @@ def test_wrong_key(stack):
     bad = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key="iq-not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_batch_through_the_sdk(sdk):
+    import json
+
+    questions = ["What is the capital of France?", "Name a color.", "What is 2+2?", "Say hello."]
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "max_tokens": 12, "temperature": 0,
+                       "messages": [{"role": "user", "content": q}]}} for i, q in enumerate(questions)]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    uploaded = sdk.files.create(file=("questions.jsonl", data), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    content = sdk.files.content(batch.output_file_id).text
+    out = {o["custom_id"]: o for o in map(json.loads, content.splitlines())}
+    assert sorted(out) == ["q0", "q1", "q2", "q3"]
+    assert "Paris" in out["q0"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] > 0 for o in out.values())

@@ -102,6 +102,7 @@ class JobRunner:
                 error=getattr(terminal, "message", None),
                 error_type=getattr(terminal, "error_type", None),
                 error_code=getattr(terminal, "code", None),
+                error_status=getattr(terminal, "status", None),
             )
         except TransitionRefused as refused:
             log.warning("job %s: %s; publishing the terminal event only", job_id, refused)

@@ -1,0 +1,93 @@
+"""Serving logic for OpenAI's Batch API (``/v1/batches``): values or errors, no Flask."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from api import errors
+from api.auth import Principal
+from api.batch_runner import BatchRunner
+from api.batch_store import Batch, now
+from api.protocol import (
+    BatchCreateRequest,
+    BatchList,
+    BatchObject,
+    BatchRequestCounts,
+    ErrorResponse,
+    UsageInfo,
+)
+
+WINDOW_SECONDS = {"24h": 24 * 3600}
+
+
+def create_batch(runner: BatchRunner, principal: Principal, request: BatchCreateRequest
+                 ) -> BatchObject | ErrorResponse:
+    """``POST /v1/batches``: check the input file, store the batch, dispatch its lines in the background."""
+    info = runner.files.get(principal.key_id, request.input_file_id)
+    if info is None:
+        return errors.error(404, f"No file found with id '{request.input_file_id}'.", "invalid_request_error",
+                            "file_not_found", "input_file_id")
+    if info.purpose != "batch":
+        return errors.invalid_request("The input file must have been uploaded with purpose 'batch'.",
+                                      "input_file_id")
+    first = next(iter(runner.files.iter_lines(info)), None)
+    if first is None or first[1].get("url") != request.endpoint:
+        return errors.invalid_request(f"The input file's requests are not for {request.endpoint}.",
+                                      "endpoint")
+    created = now()
+    batch = runner.store.add(Batch(
+        id=f"batch_{secrets.token_hex(12)}", key_id=principal.key_id, input_file_id=info.id,
+        endpoint=request.endpoint, completion_window=request.completion_window, status="validating",
+        metadata_json=json.dumps(request.metadata) if request.metadata else None, total=info.line_count,
+        dispatched=0, dispatch_done=False, completed=0, failed=0, prompt_tokens=0, completion_tokens=0,
+        created_at=created, expires_at=created + WINDOW_SECONDS[request.completion_window],
+    ))
+    runner.start(batch, principal, principal.may_use)
+    return batch_object(batch)
+
+
+def get_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> BatchObject | ErrorResponse:
+    """``GET /v1/batches/{id}``."""
+    batch = runner.store.get(batch_id, principal.key_id)
+    return batch_object(batch) if batch else _not_found(batch_id)
+
+
+def list_batches(runner: BatchRunner, principal: Principal, limit: int, after: str | None) -> BatchList:
+    """``GET /v1/batches``: newest first."""
+    rows, more = runner.store.page(principal.key_id, limit, after)
+    data = [batch_object(b) for b in rows]
+    return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                     has_more=more)
+
+
+def cancel_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> BatchObject | ErrorResponse:
+    """``POST /v1/batches/{id}/cancel``: finished lines are kept and reported."""
+    batch = runner.store.get(batch_id, principal.key_id)
+    if batch is None:
+        return _not_found(batch_id)
+    runner.cancel(batch)
+    fresh = runner.store.get(batch_id)
+    return batch_object(fresh or batch)
+
+
+def batch_object(batch: Batch) -> BatchObject:
+    """The wire form of a batch row."""
+    usage = UsageInfo(prompt_tokens=batch.prompt_tokens, completion_tokens=batch.completion_tokens,
+                      total_tokens=batch.prompt_tokens + batch.completion_tokens)
+    return BatchObject(
+        id=batch.id, endpoint=batch.endpoint, input_file_id=batch.input_file_id,
+        completion_window=batch.completion_window, status=batch.status,
+        errors=json.loads(batch.errors_json) if batch.errors_json else None,
+        output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
+        created_at=batch.created_at, in_progress_at=batch.in_progress_at, expires_at=batch.expires_at,
+        finalizing_at=batch.finalizing_at, completed_at=batch.completed_at, failed_at=batch.failed_at,
+        expired_at=batch.expired_at, cancelling_at=batch.cancelling_at, cancelled_at=batch.cancelled_at,
+        request_counts=BatchRequestCounts(total=batch.total, completed=batch.completed, failed=batch.failed),
+        metadata=json.loads(batch.metadata_json) if batch.metadata_json else None, usage=usage,
+    )
+
+
+def _not_found(batch_id: str) -> ErrorResponse:
+    return errors.error(404, f"No batch found with id '{batch_id}'.", "invalid_request_error",
+                        "batch_not_found", "batch_id")

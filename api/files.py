@@ -1,0 +1,231 @@
+"""Stored files of the Files API: keys' uploads (batch input) and files the server writes.
+
+A file's content lives in ``FILES_DIR`` as ``<id>.jsonl`` and its owner and metadata in
+the ``files`` table. Content is written to a temporary file in ``FILES_DIR`` first and
+renamed into place, so a file's name only ever holds complete content. Every lookup is
+by owner: another key's file looks missing. No Flask here: batches use it outside requests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import and_, or_, select
+
+from api import errors
+from api.db import Database, StoredFile
+from api.file_checks import check_batch_input
+from api.protocol import ErrorResponse
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+UPLOAD_PURPOSES = ("batch",)
+OUTPUT_PURPOSE = "batch_output"
+FILENAME_MAX = 255
+YIELD_EVERY = 1000  # lines checked between two pauses for other greenlets
+
+
+def new_file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class StoredFileInfo:
+    """One stored file; ``created_at`` in epoch seconds, ``path`` relative to ``FILES_DIR``."""
+
+    id: str
+    key_id: str
+    filename: str
+    purpose: str
+    bytes: int
+    line_count: int
+    created_at: int
+    path: str
+
+    @classmethod
+    def from_row(cls, row: StoredFile) -> StoredFileInfo:
+        created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=dt.UTC)
+        return cls(id=row.id, key_id=row.key_id, filename=row.filename, purpose=row.purpose,
+                   bytes=row.bytes, line_count=row.line_count, created_at=int(created.timestamp()),
+                   path=row.path)
+
+
+@dataclass(frozen=True)
+class FilePage:
+    """A page of a key's files, newest first, and whether older ones follow."""
+
+    data: list[StoredFileInfo]
+    has_more: bool
+
+
+class FileStore:
+    """Files on disk under ``FILES_DIR``, their rows in SQL."""
+
+    def __init__(self, db: Database, settings: Settings):
+        self.db = db
+        # Absolute: Flask's send_file would take a relative path from the app's package.
+        self.root = Path(settings.files_dir).resolve()
+        self.max_bytes = settings.max_file_bytes
+        self.max_lines = settings.max_file_lines
+
+    def save_upload(self, key_id: str, filename: str, purpose: str,
+                    stream: IO[bytes]) -> StoredFileInfo | ErrorResponse:
+        """Store an upload read from ``stream`` in chunks, once its size and every line pass."""
+        if purpose not in UPLOAD_PURPOSES:
+            return errors.invalid_request(f"Invalid purpose {purpose!r}: this server stores files with "
+                                          "purpose 'batch' only.", "purpose")
+        try:
+            return self._save_checked(key_id, filename, purpose, stream)
+        except OSError:
+            log.exception("could not store an upload in %s", self.root)
+            return errors.error(500, "The server could not store the file.", "server_error")
+
+    def create_output(self, key_id: str, filename: str, lines: Iterable[str]) -> StoredFileInfo:
+        """Store server-made JSONL (one line per item, empty items skipped) as ``batch_output``."""
+        temp = self._temp_path()
+        try:
+            size = count = 0
+            with temp.open("wb") as out:
+                for line in lines:
+                    if line.strip():
+                        data = line.rstrip("\n").encode() + b"\n"
+                        out.write(data)
+                        size, count = size + len(data), count + 1
+                _sync(out)
+            return self._commit(temp, key_id, filename, OUTPUT_PURPOSE, size, count)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def get(self, key_id: str, file_id: str) -> StoredFileInfo | None:
+        """The key's file ``file_id``; ``None`` when missing or another key's."""
+        with self.db.sessions() as session:
+            row = session.get(StoredFile, file_id)
+            return StoredFileInfo.from_row(row) if row is not None and row.key_id == key_id else None
+
+    def list(self, key_id: str, limit: int, after: str | None,
+             purpose: str | None = None) -> FilePage | ErrorResponse:
+        """The key's files newest first: ``limit`` of them, older than ``after`` (a file id)."""
+        query = select(StoredFile).where(StoredFile.key_id == key_id)
+        if purpose:
+            query = query.where(StoredFile.purpose == purpose)
+        with self.db.sessions() as session:
+            if after:
+                anchor = session.get(StoredFile, after)
+                if anchor is None or anchor.key_id != key_id:
+                    return errors.invalid_request(f"No file {after!r} to page after.", "after")
+                query = query.where(or_(StoredFile.created_at < anchor.created_at,
+                                        and_(StoredFile.created_at == anchor.created_at,
+                                             StoredFile.id < anchor.id)))
+            query = query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc()).limit(limit + 1)
+            rows = session.scalars(query).all()
+        return FilePage([StoredFileInfo.from_row(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+    def delete(self, key_id: str, file_id: str) -> bool:
+        """Remove the key's file (row, then content); ``False`` when missing or another key's."""
+        with self.db.sessions.begin() as session:
+            row = session.get(StoredFile, file_id)
+            if row is None or row.key_id != key_id:
+                return False
+            path = row.path
+            session.delete(row)
+        (self.root / path).unlink(missing_ok=True)
+        return True
+
+    def path_of(self, info: StoredFileInfo) -> Path:
+        """Where the file's content is (absolute)."""
+        return self.root / info.path
+
+    def iter_lines(self, info: StoredFileInfo) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Each non-empty line as (1-based line number, parsed JSON), numbered as validation numbers them."""
+        with self.path_of(info).open("rb") as lines:
+            for line_no, raw in enumerate(lines, start=1):
+                if raw.strip():
+                    yield line_no, json.loads(raw)
+
+    def _save_checked(self, key_id: str, filename: str, purpose: str,
+                      stream: IO[bytes]) -> StoredFileInfo | ErrorResponse:
+        """Copy ``stream`` to a temporary file, check it, and keep it only if it passes."""
+        temp = self._temp_path()
+        try:
+            size = _copy(stream, temp, self.max_bytes)
+            if size is None:
+                return errors.error(413, f"The file is larger than {self.max_bytes} bytes, the most an "
+                                    "upload may hold.", "invalid_request_error", "file_too_large", "file")
+            with temp.open("rb") as lines:
+                count = check_batch_input(_cooperative(lines), self.max_lines)
+            if isinstance(count, ErrorResponse):
+                return count
+            return self._commit(temp, key_id, filename, purpose, size, count)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _temp_path(self) -> Path:
+        """A new empty file in ``FILES_DIR`` (same filesystem, so the final rename is atomic)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=self.root, prefix=".part-", suffix=".jsonl")
+        os.close(handle)
+        return Path(name)
+
+    def _commit(self, temp: Path, key_id: str, filename: str, purpose: str, size: int,
+                count: int) -> StoredFileInfo:
+        """Rename ``temp`` into place and insert its row (the content goes again if the insert fails)."""
+        row = StoredFile(id=new_file_id(), key_id=key_id, filename=_clean_name(filename),
+                         purpose=purpose, bytes=size, line_count=count,
+                         created_at=dt.datetime.now(dt.UTC))
+        row.path = f"{row.id}.jsonl"
+        final = self.root / row.path
+        os.replace(temp, final)
+        try:
+            with self.db.sessions.begin() as session:
+                session.add(row)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        return StoredFileInfo.from_row(row)
+
+
+def _clean_name(filename: str) -> str:
+    """A client's file name fit to store and to send back in a header: printable, and not too long."""
+    return "".join(c for c in filename if c.isprintable())[:FILENAME_MAX] or "file"
+
+
+def _copy(stream: IO[bytes], target: Path, max_bytes: int) -> int | None:
+    """Copy ``stream`` to ``target`` in chunks; its size, or ``None`` once it passes ``max_bytes``."""
+    size = 0
+    with target.open("wb") as out:
+        while chunk := stream.read(CHUNK_BYTES):
+            size += len(chunk)
+            if size > max_bytes:
+                return None
+            out.write(chunk)
+            time.sleep(0)  # see _cooperative
+        _sync(out)
+    return size
+
+
+def _cooperative(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """``lines``, pausing now and then: under gevent (monkey-patched ``time.sleep``) a long
+    upload would otherwise hold up every other request of its API worker."""
+    for count, line in enumerate(lines, start=1):
+        if count % YIELD_EVERY == 0:
+            time.sleep(0)
+        yield line
+
+
+def _sync(out: IO[bytes]) -> None:
+    """Flush ``out`` to disk, so that a renamed file survives a crash whole."""
+    out.flush()
+    os.fsync(out.fileno())
+

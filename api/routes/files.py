@@ -1,0 +1,63 @@
+"""``/v1/files``: upload batch input files, list, retrieve, download and delete them."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g, request, send_file
+
+from api import errors, file_serving
+from api.auth import require_api_key
+from api.extensions import services
+from api.protocol import ErrorResponse
+from api.routes.common import respond
+
+bp = Blueprint("files", __name__, url_prefix="/v1")
+
+
+@bp.post("/files")
+@require_api_key
+def create() -> Response:
+    """Store a multipart upload (fields ``file`` and ``purpose``); its lines are checked first."""
+    upload = request.files.get("file")
+    return respond(file_serving.upload_file(
+        services().files, g.principal, upload.filename if upload else None, request.form.get("purpose"),
+        upload.stream if upload else None))
+
+
+@bp.get("/files")
+@require_api_key
+def list_files() -> Response:
+    """The caller's files, newest first (``limit`` 1-10000, ``after`` a file id, ``purpose``)."""
+    limit = request.args.get("limit", file_serving.MAX_LIST_LIMIT, type=int)
+    if not 1 <= limit <= file_serving.MAX_LIST_LIMIT:
+        return respond(errors.invalid_request(
+            f"limit must be between 1 and {file_serving.MAX_LIST_LIMIT}.", "limit"))
+    return respond(file_serving.list_files(services().files, g.principal, limit, request.args.get("after"),
+                                           request.args.get("purpose")))
+
+
+@bp.get("/files/<file_id>")
+@require_api_key
+def get(file_id: str) -> Response:
+    """One file's metadata."""
+    return respond(file_serving.get_file(services().files, g.principal, file_id))
+
+
+@bp.get("/files/<file_id>/content")
+@require_api_key
+def content(file_id: str) -> Response:
+    """The file's bytes, streamed from disk."""
+    found = file_serving.content_path(services().files, g.principal, file_id)
+    if isinstance(found, ErrorResponse):
+        return respond(found)
+    info, path = found
+    response = send_file(path, mimetype="application/octet-stream", as_attachment=True,
+                         download_name=info.filename)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.delete("/files/<file_id>")
+@require_api_key
+def delete(file_id: str) -> Response:
+    """Delete the file: its row and its content."""
+    return respond(file_serving.delete_file(services().files, g.principal, file_id))

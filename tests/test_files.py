@@ -1,0 +1,410 @@
+"""Files API (/v1/files): uploads checked line by line, per-key isolation, content round trips,
+size limits; FileStore on SQLite and PostgreSQL. The real app in-process, no worker needed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import update
+
+from api import create_app
+from api.db import Database, StoredFile
+from api.files import CHUNK_BYTES, FilePage, FileStore
+from api.protocol import ErrorResponse
+from config import Settings
+from tests.conftest import TEST_KEY, start_api
+from tests.test_metering import add_key
+
+CHAT = "/v1/chat/completions"
+
+
+def request_line(custom_id: str = "req-1", url: str = CHAT, **overrides: object) -> dict[str, object]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body, **overrides}
+
+
+def jsonl(*lines: object) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def upload(client, content: bytes, headers: dict[str, str], purpose: str | None = "batch",
+           filename: str = "in.jsonl"):
+    data: dict[str, object] = {"file": (io.BytesIO(content), filename)}
+    if purpose is not None:
+        data["purpose"] = purpose
+    return client.post("/v1/files", data=data, content_type="multipart/form-data", headers=headers)
+
+
+def stored(files_dir: Path) -> list[str]:
+    """Every entry in FILES_DIR, temporary files included."""
+    return sorted(p.name for p in files_dir.iterdir()) if files_dir.exists() else []
+
+
+@pytest.fixture
+def files_dir(tmp_path: Path) -> Path:
+    return tmp_path / "files"
+
+
+@pytest.fixture
+def app_config(app_config, files_dir):
+    return {**app_config, "files_dir": str(files_dir)}
+
+
+def client_with(app_config, **settings):
+    flask_app = create_app({**app_config, **settings})
+    flask_app.config["TESTING"] = True
+    return flask_app.test_client()
+
+
+# --- the API ------------------------------------------------------------------
+
+
+def test_upload_retrieve_and_content_round_trip(client, auth, files_dir):
+    content = (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",\t'
+               b'"body": {"x": "\xc3\xa9"}}\r\n\n' + jsonl(request_line("b")))  # CRLF, a blank line, UTF-8
+    before = int(time.time())
+    r = upload(client, content, auth)
+    assert r.status_code == 200, r.json
+    created = r.json
+    assert created["id"].startswith("file-") and len(created["id"]) == 29
+    assert created == {"id": created["id"], "object": "file", "bytes": len(content),
+                       "created_at": created["created_at"], "filename": "in.jsonl", "purpose": "batch",
+                       "status": "processed", "status_details": None}
+    assert before <= created["created_at"] <= time.time()
+    assert stored(files_dir) == [f"{created['id']}.jsonl"]
+
+    assert client.get(f"/v1/files/{created['id']}", headers=auth).json == created
+    r = client.get(f"/v1/files/{created['id']}/content", headers=auth)
+    assert r.status_code == 200
+    assert r.data == content
+    assert r.mimetype == "application/octet-stream"
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_delete_removes_the_row_and_the_content(client, auth, files_dir):
+    file_id = upload(client, jsonl(request_line()), auth).json["id"]
+    r = client.delete(f"/v1/files/{file_id}", headers=auth)
+    assert r.status_code == 200
+    assert r.json == {"id": file_id, "object": "file", "deleted": True}
+    assert stored(files_dir) == []
+    for method, path in (("GET", f"/v1/files/{file_id}"), ("GET", f"/v1/files/{file_id}/content"),
+                         ("DELETE", f"/v1/files/{file_id}")):
+        r = client.open(path, method=method, headers=auth)
+        assert r.status_code == 404
+        assert r.json["error"]["code"] == "file_not_found"
+        assert r.json["error"]["type"] == "invalid_request_error"
+    assert client.get("/v1/files", headers=auth).json["data"] == []
+
+
+def test_list_is_newest_first_and_paginates(app, client, auth):
+    ids = [upload(client, jsonl(request_line(f"r{i}")), auth).json["id"] for i in range(3)]
+    everything = client.get("/v1/files", headers=auth).json
+    assert [f["id"] for f in everything["data"]] == ids[::-1]
+    assert everything["object"] == "list" and everything["has_more"] is False
+    assert (everything["first_id"], everything["last_id"]) == (ids[2], ids[0])
+
+    first = client.get("/v1/files?limit=2", headers=auth).json
+    assert [f["id"] for f in first["data"]] == [ids[2], ids[1]] and first["has_more"] is True
+    rest = client.get(f"/v1/files?limit=2&after={first['last_id']}", headers=auth).json
+    assert [f["id"] for f in rest["data"]] == [ids[0]] and rest["has_more"] is False
+
+    svc = app.extensions["inferq"]
+    output = svc.files.create_output(svc.keys.verify(TEST_KEY).key_id, "out.jsonl", ['{"a":1}'])
+    outputs = client.get("/v1/files?purpose=batch_output", headers=auth).json["data"]
+    assert [(f["id"], f["purpose"]) for f in outputs] == [(output.id, "batch_output")]
+    assert len(client.get("/v1/files?purpose=batch", headers=auth).json["data"]) == 3
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=10001", "after=file-nope"])
+def test_list_rejects_bad_parameters(client, auth, query):
+    r = client.get(f"/v1/files?{query}", headers=auth)
+    assert r.status_code == 400
+    assert r.json["error"]["param"] == query.partition("=")[0]
+
+
+def test_other_keys_files_look_missing(client, auth, app_config):
+    file_id = upload(client, jsonl(request_line()), auth).json["id"]
+    key, _ = add_key(app_config["database_url"])
+    other = {"Authorization": f"Bearer {key}"}
+    for method, path in (("GET", f"/v1/files/{file_id}"), ("GET", f"/v1/files/{file_id}/content"),
+                         ("DELETE", f"/v1/files/{file_id}")):
+        r = client.open(path, method=method, headers=other)
+        assert r.status_code == 404 and r.json["error"]["code"] == "file_not_found"
+    assert client.get("/v1/files", headers=other).json["data"] == []
+    assert client.get(f"/v1/files?after={file_id}", headers=other).status_code == 400
+    assert client.get(f"/v1/files/{file_id}", headers=auth).status_code == 200  # still there
+
+
+def test_every_route_needs_a_key(client):
+    for method, path in (("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/file-x"),
+                         ("GET", "/v1/files/file-x/content"), ("DELETE", "/v1/files/file-x")):
+        assert client.open(path, method=method).status_code == 401
+
+
+BAD_FILES = [
+    pytest.param(jsonl(request_line()) + b'{"custom_id": "req-2", "method": \n', "line 2: not valid JSON",
+                 id="bad-json"),
+    pytest.param(b"\xff\xfe\n", "line 1: not valid UTF-8", id="not-utf8"),
+    pytest.param(b"[1, 2]\n", "line 1: each line must be a JSON object", id="not-an-object"),
+    pytest.param(jsonl({k: v for k, v in request_line().items() if k != "custom_id"}),
+                 "line 1: 'custom_id' must be a non-empty string", id="missing-custom-id"),
+    pytest.param(jsonl(request_line(), request_line("")), "line 2: 'custom_id' must be a non-empty string",
+                 id="empty-custom-id"),
+    pytest.param(jsonl(request_line(custom_id=7)), "line 1: 'custom_id' must be a non-empty string",
+                 id="numeric-custom-id"),
+    pytest.param(jsonl(request_line("req-1"), request_line("req-2"), request_line("req-2")),
+                 "line 3: duplicate custom_id 'req-2' (first on line 2)", id="duplicate-custom-id"),
+    pytest.param(jsonl(request_line("a"), request_line("b", method="GET")), "line 2: 'method' must be 'POST'",
+                 id="wrong-method"),
+    pytest.param(jsonl(request_line(url="/v1/embeddings")), "line 1: 'url' must be '/v1/chat/completions'",
+                 id="unsupported-url"),
+    pytest.param(jsonl(request_line("a"), request_line("b", url="/v1/completions")),
+                 "line 2: url '/v1/completions' differs from '/v1/chat/completions' on line 1",
+                 id="mixed-urls"),
+    pytest.param(jsonl(request_line(body=["hi"])), "line 1: 'body' must be a JSON object",
+                 id="body-not-object"),
+    pytest.param(b"\n  \n" + jsonl(request_line(body=None)), "line 3: 'body' must be a JSON object",
+                 id="blank-lines-are-counted"),
+    pytest.param(b"", "no requests", id="empty"),
+    pytest.param(b"\n \r\n", "no requests", id="only-blank-lines"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_FILES)
+def test_invalid_files_are_refused_naming_the_line(client, auth, files_dir, content, message):
+    r = upload(client, content, auth)
+    assert r.status_code == 400
+    error = r.json["error"]
+    assert message in error["message"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_file", "file")
+    assert stored(files_dir) == []  # nothing kept, not even a temporary file
+    assert client.get("/v1/files", headers=auth).json["data"] == []
+
+
+def test_at_most_max_file_lines_requests(app_config, auth):
+    client = client_with(app_config, max_file_lines=3)
+    three = [request_line(f"r{i}") for i in range(3)]
+    r = upload(client, b"\n" + jsonl(*three) + b"\n\n", auth)  # blank lines are not requests
+    assert r.status_code == 200
+    r = upload(client, jsonl(*three) + b"\n" + jsonl(request_line("r3")), auth)
+    assert r.status_code == 400
+    assert r.json["error"]["message"].startswith("line 5: the file holds more than 3 requests")
+
+
+@pytest.mark.parametrize(("purpose", "message"), [
+    (None, "Missing required parameter: 'purpose'"),
+    ("", "Missing required parameter: 'purpose'"),
+    ("fine-tune", "Invalid purpose 'fine-tune'"),
+    ("batch_output", "Invalid purpose 'batch_output'"),
+])
+def test_purpose_must_be_batch(client, auth, files_dir, purpose, message):
+    r = upload(client, jsonl(request_line()), auth, purpose=purpose)
+    assert r.status_code == 400
+    assert message in r.json["error"]["message"] and r.json["error"]["param"] == "purpose"
+    assert stored(files_dir) == []
+
+
+def test_file_field_is_required(client, auth):
+    for r in (client.post("/v1/files", data={"purpose": "batch"}, content_type="multipart/form-data",
+                          headers=auth),
+              client.post("/v1/files", data={"purpose": "batch", "file": "not a file part"},
+                          content_type="multipart/form-data", headers=auth),
+              client.post("/v1/files", json={"purpose": "batch"}, headers=auth)):
+        assert r.status_code == 400
+        assert r.json["error"]["param"] == "file" and "'file'" in r.json["error"]["message"]
+
+
+def test_oversize_uploads_get_413(app_config, auth, files_dir):
+    client = client_with(app_config, max_file_bytes=2048)
+    line = request_line(body={"model": "m", "prompt": "x" * 2000}, url="/v1/completions")
+    just_over = jsonl(line)
+    assert len(just_over) > 2048
+    r = upload(client, just_over, auth)  # the body fits the upload limit; the store counts the file
+    assert r.status_code == 413
+    assert r.json["error"]["code"] == "file_too_large" and r.json["error"]["param"] == "file"
+    assert "2048 bytes" in r.json["error"]["message"]
+
+    r = upload(client, b"x" * 200_000, {})  # the declared length alone: before auth, nothing read
+    assert r.status_code == 413
+    assert set(r.json) == {"error"} and r.json["error"]["code"] == "file_too_large"
+    assert r.json["error"]["type"] == "invalid_request_error"
+    assert stored(files_dir) == []
+
+
+def test_uploads_may_exceed_max_request_bytes_other_requests_may_not(app_config, auth):
+    client = client_with(app_config, max_request_bytes=1024, max_file_bytes=64 * 1024)
+    content = jsonl(*[request_line(f"r{i}") for i in range(40)])
+    assert 1024 * 2 < len(content) < 64 * 1024
+    r = upload(client, content, auth)
+    assert r.status_code == 200 and r.json["bytes"] == len(content)
+    r = client.post("/v1/chat/completions", data=content, content_type="application/json", headers=auth)
+    assert r.status_code == 413 and r.json["error"]["code"] == "request_too_large"
+    r = client.post("/v1/files/x", data=content, headers=auth)  # only the upload route has the upload limit
+    assert r.status_code == 413
+
+
+def test_body_without_length_is_cut_at_the_upload_limit(app_config, auth):
+    """A chunked upload declares no length: werkzeug stops reading at the request's limit."""
+    client = client_with(app_config, max_file_bytes=2048)
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + b"x" * 200_000 + \
+        f"\r\n--{boundary}--\r\n".encode()
+    r = client.post("/v1/files", input_stream=io.BytesIO(body), headers=auth,
+                    content_type=f"multipart/form-data; boundary={boundary}",
+                    environ_overrides={"wsgi.input_terminated": True})
+    assert r.status_code == 413
+    assert set(r.json) == {"error"} and r.json["error"]["type"] == "invalid_request_error"
+
+
+def test_storage_failure_is_a_500_naming_the_request_id(app_config, auth, tmp_path):
+    (tmp_path / "not-a-dir").write_text("")
+    client = client_with(app_config, files_dir=str(tmp_path / "not-a-dir" / "files"))
+    r = upload(client, jsonl(request_line()), {**auth, "X-Request-ID": "req-files-1"})
+    assert r.status_code == 500
+    assert r.json["error"]["type"] == "server_error" and "req-files-1" in r.json["error"]["message"]
+
+
+# --- FileStore ------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(database: Database, database_url: str, tmp_path: Path) -> FileStore:
+    return FileStore(database, Settings(_env_file=None, database_url=database_url,
+                                        files_dir=str(tmp_path / "store"), max_file_lines=100))
+
+
+class ChunkCheckingStream(io.BytesIO):
+    """A request body that fails the test if read whole rather than in chunks."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        assert size is not None and 0 < size <= CHUNK_BYTES
+        return super().read(size)
+
+
+def test_store_upload_then_iter_lines(store):
+    first, second = request_line("a"), request_line("b")
+    content = jsonl(first) + b"\n" + jsonl(second)
+    info = store.save_upload("key_1", "two.jsonl", "batch", ChunkCheckingStream(content))
+    assert not isinstance(info, ErrorResponse)
+    assert (info.key_id, info.filename, info.purpose, info.line_count) == ("key_1", "two.jsonl", "batch", 2)
+    assert info.path == f"{info.id}.jsonl" and store.path_of(info) == store.root / info.path
+    assert list(store.iter_lines(info)) == [(1, first), (3, second)]
+    assert store.get("key_1", info.id) == info
+    assert store.get("key_2", info.id) is None
+
+
+def test_store_create_output(store):
+    lines = ['{"custom_id":"a","response":null}', '{"custom_id":"b","response":null}\n', ""]
+    info = store.create_output("key_1", "batch_x_output.jsonl", lines)
+    assert (info.purpose, info.line_count, info.filename) == ("batch_output", 2, "batch_x_output.jsonl")
+    content = store.path_of(info).read_bytes()
+    assert content == b'{"custom_id":"a","response":null}\n{"custom_id":"b","response":null}\n'
+    assert info.bytes == len(content)
+    assert [n for n, _ in store.iter_lines(info)] == [1, 2]
+    assert [line["custom_id"] for _, line in store.iter_lines(info)] == ["a", "b"]
+    assert sorted(p.name for p in store.root.iterdir()) == [info.path]  # no temporary file left
+
+
+def test_store_list_orders_ties_by_id_and_filters(store, database):
+    infos = [store.create_output("key_1", f"{i}.jsonl", ['{"i":1}']) for i in range(5)]
+    with database.sessions.begin() as session:  # one timestamp for all: the id breaks the tie
+        session.execute(update(StoredFile).values(created_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))
+    pages, after = [], None
+    while True:
+        page = store.list("key_1", 2, after)
+        assert isinstance(page, FilePage)
+        pages.append([info.id for info in page.data])
+        if not page.has_more:
+            break
+        after = page.data[-1].id
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert sum(pages, []) == sorted((info.id for info in infos), reverse=True)
+    assert store.list("key_2", 10, None) == FilePage([], has_more=False)
+    assert store.list("key_1", 10, None, purpose="batch") == FilePage([], has_more=False)
+    assert isinstance(store.list("key_2", 10, infos[0].id), ErrorResponse)  # another key's id
+
+
+def test_store_delete(store):
+    info = store.create_output("key_1", "o.jsonl", ['{"a":1}'])
+    assert store.delete("key_2", info.id) is False and store.path_of(info).exists()
+    assert store.delete("key_1", info.id) is True
+    assert not store.path_of(info).exists() and store.get("key_1", info.id) is None
+    assert store.delete("key_1", info.id) is False
+
+
+# --- the official SDK against the real server (gunicorn + gevent) ---------------------
+
+
+@pytest.fixture(scope="module")
+def live_api(redis_url, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("files-api")
+    api, base = start_api(redis_url, tmp, FILES_DIR=str(tmp / "files"), MAX_FILE_BYTES="65536")
+    yield base, tmp / "files"
+    api.stop()
+
+
+def test_openai_sdk_round_trip(live_api, tmp_path):
+    base, files_dir = live_api
+    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key=TEST_KEY, max_retries=0)
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(jsonl(request_line("a"), request_line("b")))
+
+    with path.open("rb") as handle:
+        created = sdk.files.create(file=handle, purpose="batch")
+    assert created.id.startswith("file-") and created.object == "file"
+    assert (created.filename, created.purpose, created.bytes, created.status) == (
+        "requests.jsonl", "batch", path.stat().st_size, "processed")
+    assert (files_dir / f"{created.id}.jsonl").read_bytes() == path.read_bytes()
+
+    assert sdk.files.retrieve(created.id) == created
+    assert created.id in [f.id for f in sdk.files.list()]
+    assert [f.id for f in sdk.files.list(purpose="batch")] == [created.id]
+    assert sdk.files.content(created.id).text == path.read_text()
+    assert sdk.files.content(created.id).content == path.read_bytes()
+
+    deleted = sdk.files.delete(created.id)
+    assert deleted.id == created.id and deleted.deleted is True
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.files.retrieve(created.id)
+    assert caught.value.code == "file_not_found"
+    assert not (files_dir / f"{created.id}.jsonl").exists()
+
+
+def test_openai_sdk_sees_validation_errors(live_api, tmp_path):
+    base, _ = live_api
+    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key=TEST_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.files.create(file=("bad.jsonl", jsonl(request_line("a"), request_line("a"))), purpose="batch")
+    assert caught.value.code == "invalid_file" and caught.value.param == "file"
+    assert "line 2: duplicate custom_id 'a'" in caught.value.message
+
+
+def test_live_uploads_past_max_request_bytes_and_chunked_oversize(live_api):
+    base, _ = live_api
+    headers = {"Authorization": f"Bearer {TEST_KEY}"}
+    content = jsonl(*[request_line(f"r{i}", body={"model": "m", "prompt": "p" * 100}) for i in range(300)])
+    assert 4 * 1024 * 1024 > len(content) > 32 * 1024
+    r = httpx.post(f"{base}/v1/files", headers=headers, data={"purpose": "batch"},
+                   files={"file": ("big.jsonl", content)}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["bytes"] == len(content)
+
+    def chunks():  # no Content-Length: Transfer-Encoding: chunked
+        yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n"
+        for _ in range(64):
+            yield b"x" * 4096
+        yield b"\r\n--xyz--\r\n"
+
+    r = httpx.post(f"{base}/v1/files", content=chunks(), timeout=30,
+                   headers={**headers, "Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413
+    assert r.json()["error"]["type"] == "invalid_request_error"
