@@ -134,3 +134,20 @@ def test_batch_through_the_sdk(sdk):
     assert sorted(out) == ["q0", "q1", "q2", "q3"]
     assert "Paris" in out["q0"]["response"]["body"]["choices"][0]["message"]["content"]
     assert all(o["response"]["body"]["usage"]["completion_tokens"] > 0 for o in out.values())
+
+
+def test_cancelling_a_running_job_stops_the_engine(stack):
+    base, headers = stack["base"], {"Authorization": f"Bearer {TEST_KEY}"}
+    body = {"endpoint": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}}
+    job = httpx.post(f"{base}/v1/jobs", headers=headers, json=body).json()
+    deadline = time.monotonic() + 30
+    while _running(stack["metrics"]) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(stack["metrics"]) == 1  # the engine is generating it
+    httpx.post(f"{base}/v1/jobs/{job['id']}/cancel", headers=headers)
+    done = httpx.get(f"{base}/v1/jobs/{job['id']}?wait=10", headers=headers).json()
+    assert done["status"] == "cancelled"
+    assert 0 < done["usage"]["completion_tokens"] < 900
+    time.sleep(0.5)
+    assert _running(stack["metrics"]) == 0  # the engine itself dropped the request
