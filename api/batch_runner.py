@@ -50,6 +50,7 @@ class BatchRunner:
         self.store = store
         self.files = files
         self.gateway = gateway
+        self._stopped: dict[str, dict[str, str]] = {}
 
     # --- dispatch -----------------------------------------------------------
 
@@ -123,8 +124,18 @@ class BatchRunner:
 
     def cancel(self, batch: Batch) -> None:
         """Stop dispatching; cancel queued lines and abort running ones; keep finished ones."""
+        self._wind_down(batch, cancelling_at=now())
+
+    def expire_if_due(self, batch: Batch) -> Batch:
+        """End a batch that outlived its completion window (it finishes as ``expired``)."""
+        if batch.status in ("validating", "in_progress") and now() >= batch.expires_at:
+            self._wind_down(batch, expired_at=now())
+            return self.store.get(batch.id) or batch
+        return batch
+
+    def _wind_down(self, batch: Batch, **stamp: int) -> None:
         if not self.store.update(batch.id, only_if_status=("validating", "in_progress"),
-                                 status="cancelling", cancelling_at=now()):
+                                 status="cancelling", **stamp):
             return
         fresh = self.store.get(batch.id)
         if fresh is not None and fresh.dispatch_done:  # else the dispatcher cancels when it stops
@@ -144,6 +155,7 @@ class BatchRunner:
     def on_settled(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         """Record finished batch lines (a hook of the usage ledger's drain)."""
         touched = set()
+        self._stopped = {}  # batch id -> why its cancelled lines stopped (read once per drain)
         for _, fields in entries:
             if fields.get("batch_id"):
                 record = jobs.get(self.gateway.redis, fields["job_id"])
@@ -153,8 +165,7 @@ class BatchRunner:
         for batch_id in touched:
             self.maybe_finalize(batch_id)
 
-    @staticmethod
-    def _line_result(record: JobRecord) -> LineResult:
+    def _line_result(self, record: JobRecord) -> LineResult:
         assert record.batch_id and record.custom_id
         line_no = int(json.loads(record.metadata or "{}").get("line", 0))
         usage = (record.prompt_tokens or 0, record.completion_tokens or 0)
@@ -163,12 +174,20 @@ class BatchRunner:
             line = output_line(record.custom_id, record.id, 200, job.response)
             return LineResult(record.batch_id, record.custom_id, line_no, True, line, *usage)
         if record.status is JobStatus.CANCELLED:
-            line = output_line(record.custom_id, record.id, 0, None,
-                               {"code": "batch_cancelled", "message": "The batch was cancelled."})
+            line = output_line(record.custom_id, record.id, 0, None, self._stopped_error(record.batch_id))
         else:
             error = job.error.model_dump() if job.error else {"message": "failed", "type": "server_error"}
             line = output_line(record.custom_id, record.id, record.error_status or 500, {"error": error})
         return LineResult(record.batch_id, record.custom_id, line_no, False, line, *usage)
+
+    def _stopped_error(self, batch_id: str) -> dict[str, str]:
+        if batch_id not in self._stopped:
+            batch = self.store.get(batch_id)
+            expired = batch is not None and batch.expired_at is not None
+            self._stopped[batch_id] = (
+                {"code": "batch_expired", "message": "The batch expired before this request ran."} if expired
+                else {"code": "batch_cancelled", "message": "The batch was cancelled."})
+        return self._stopped[batch_id]
 
     def maybe_finalize(self, batch_id: str) -> None:
         """After the last line: write the output and error files and end the batch."""
@@ -176,8 +195,12 @@ class BatchRunner:
         if batch is None or not batch.dispatch_done or batch.completed + batch.failed < batch.dispatched:
             return
         if batch.status == "cancelling":
-            if not self.store.update(batch_id, only_if_status=("cancelling",), status="cancelled",
-                                     cancelled_at=now()):
+            if batch.expired_at:
+                ended = self.store.update(batch_id, only_if_status=("cancelling",), status="expired")
+            else:
+                ended = self.store.update(batch_id, only_if_status=("cancelling",), status="cancelled",
+                                          cancelled_at=now())
+            if not ended:
                 return
         elif not self.store.update(batch_id, only_if_status=("in_progress",), status="finalizing",
                                    finalizing_at=now()):

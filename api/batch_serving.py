@@ -50,7 +50,7 @@ def create_batch(runner: BatchRunner, principal: Principal, request: BatchCreate
 def get_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> BatchObject | ErrorResponse:
     """``GET /v1/batches/{id}``."""
     batch = runner.store.get(batch_id, principal.key_id)
-    return batch_object(batch) if batch else _not_found(batch_id)
+    return batch_object(runner.expire_if_due(batch)) if batch else _not_found(batch_id)
 
 
 def list_batches(runner: BatchRunner, principal: Principal, limit: int, after: str | None) -> BatchList:

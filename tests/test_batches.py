@@ -138,3 +138,18 @@ def test_openai_sdk_files_and_batches(redis_url, scripted_worker, tmp_path):
                    for o in out)
     finally:
         api.stop()
+
+
+def test_batch_past_its_window_expires(client, headers, app):
+    lines = [chat_line(f"e-{i}", "[[delay=0.3]] go", 10) for i in range(30)]
+    batch_id = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json["id"]
+    wait_for(client, headers, batch_id, ("in_progress",))
+    time.sleep(1.0)
+    app.extensions["inferq"].batches.store.update(batch_id, expires_at=int(time.time()) - 1)
+    batch = wait_for(client, headers, batch_id, ("expired",))
+    assert batch["expired_at"] is not None and batch["request_counts"]["completed"] < 30
+    errs = [json.loads(line) for line in
+            client.get(f"/v1/files/{batch['error_file_id']}/content", headers=headers).data.splitlines()]
+    assert errs and all(e["error"]["code"] == "batch_expired" for e in errs)
