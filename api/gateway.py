@@ -30,6 +30,12 @@ from queueing.jobs import GenerationParams, JobRecord
 log = logging.getLogger(__name__)
 
 
+def _queue_unavailable() -> ErrorResponse:
+    """503 for Redis or the broker failing (the cause goes to the log)."""
+    log.exception("queue unavailable")
+    return errors.unavailable("The queue is unavailable; try again shortly.", code="queue_unavailable")
+
+
 class Payer(Protocol):
     """Whose tokens a job spends (an authenticated key)."""
 
@@ -124,9 +130,7 @@ class Gateway:
                 self._abandon(record.id)
                 raise
         except (redis.RedisError, OperationalError, OSError):
-            log.exception("queue unavailable")
-            return errors.unavailable("The queue is unavailable; try again shortly.",
-                                      code="queue_unavailable")
+            return _queue_unavailable()
         return JobStream(self, record.id, subscription)
 
     def submit_job(self, params: GenerationParams, payer: Payer, endpoint: str,
@@ -139,9 +143,7 @@ class Gateway:
             if params.model not in liveness.live_models(self.redis):
                 return self._no_worker(params.model)
         except redis.RedisError:
-            log.exception("queue unavailable")
-            return errors.unavailable("The queue is unavailable; try again shortly.",
-                                      code="queue_unavailable")
+            return _queue_unavailable()
         return self.enqueue_batch(record, index=keys.jobs_of(payer.key_id))
 
     def enqueue_batch(self, record: JobRecord, index: str | None = None) -> JobRecord | ErrorResponse:
@@ -157,9 +159,7 @@ class Gateway:
                 self._abandon(record.id)
                 raise
         except (redis.RedisError, OperationalError, OSError):
-            log.exception("queue unavailable")
-            return errors.unavailable("The queue is unavailable; try again shortly.",
-                                      code="queue_unavailable")
+            return _queue_unavailable()
         return record
 
     def new_record(self, params: GenerationParams, payer: Payer | None,

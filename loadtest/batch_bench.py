@@ -15,8 +15,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
@@ -26,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from config import get_settings
+from loadtest.stack import BENCH_KEY, running_stack
 
 console = Console()
-KEY = "iq-bench-0123456789abcdef0123"
 
 
 def _prompts(n: int) -> list[str]:
@@ -40,7 +38,7 @@ def _ttft(client: httpx.Client, base: str, model: str) -> float:
             "messages": [{"role": "user", "content": "Say hello to the team."}]}
     start = time.perf_counter()
     with client.stream("POST", f"{base}/v1/chat/completions", json=body,
-                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
+                       headers={"Authorization": f"Bearer {BENCH_KEY}"}) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
@@ -54,7 +52,7 @@ def _run_batch(client: httpx.Client, base: str, model: str, prompts: list[str], 
               "body": {"model": model, "prompt": p, "max_tokens": max_tokens, "ignore_eos": True}}
              for i, p in enumerate(prompts)]
     data = ("\n".join(json.dumps(line) for line in lines)).encode()
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {BENCH_KEY}"}
     file_id = client.post(f"{base}/v1/files", headers=headers, data={"purpose": "batch"},
                           files={"file": ("b.jsonl", io.BytesIO(data))}).json()["id"]
     start = time.perf_counter()
@@ -97,34 +95,12 @@ def _offline(prompts: list[str], max_tokens: int) -> tuple[float, int]:
 def main(lines: int, max_tokens: int, batch_share: float, port: int) -> None:
     """Batch throughput through inferq vs vLLM offline; chat TTFT with and without a batch."""
     s = get_settings()
-    env = {**os.environ, "API_KEYS": KEY, "WORKER_METRICS_PORT": "0", "BATCH_SHARE": str(batch_share),
-           "FILES_DIR": "data/bench-files", "DATABASE_URL": "sqlite:///data/bench.db"}
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "inferq.cli", "worker", "--loglevel", "WARNING"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "inferq.cli", "api", "--port", str(port), "--workers", "1",
-                          "--host", "127.0.0.1"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
-    base, prompts = f"http://127.0.0.1:{port}", _prompts(lines)
-    client = httpx.Client(timeout=600)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if client.get(f"{base}/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    prompts, client = _prompts(lines), httpx.Client(timeout=600)
+    with running_stack(port, BATCH_SHARE=str(batch_share), FILES_DIR="data/bench-files",
+                       DATABASE_URL="sqlite:///data/bench.db") as base:
         idle = [_ttft(client, base, s.served_model_name) for _ in range(6)][1:]
         during: list[float] = []
         batch_s, batch_tokens = _run_batch(client, base, s.served_model_name, prompts, max_tokens, during)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(120)
     offline_s, offline_tokens = _offline(prompts, max_tokens)
     table = Table(title=f"{lines} lines x {max_tokens} tokens, BATCH_SHARE={batch_share}")
     for col in ("", "seconds", "output tokens", "tokens/s"):

@@ -13,10 +13,7 @@ Needs Redis at REDIS_URL (``make run`` starts one; or ``redis-server``).
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from config import get_settings
+from loadtest.stack import BENCH_KEY, running_stack
 from queueing.jobs import GenerationParams
 
 console = Console()
-KEY = "iq-bench-0123456789abcdef0123"
 
 
 @dataclass
@@ -82,7 +79,7 @@ def run_stack(base: str, model: str, texts: list[str], max_tokens: int, concurre
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         start, ttft, tokens = time.perf_counter(), 0.0, 0
         with client.stream("POST", f"{base}/v1/completions", json=body,
-                           headers={"Authorization": f"Bearer {KEY}"}) as resp:
+                           headers={"Authorization": f"Bearer {BENCH_KEY}"}) as resp:
             resp.raise_for_status()
             for line in resp.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -107,18 +104,6 @@ def _timed(one: Callable[[int, str], tuple[int, float]], texts: list[str], concu
     return RunResult(sum(r[0] for r in results), time.perf_counter() - start, [r[1] for r in results])
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise click.ClickException(f"{what} not ready after {timeout}s")
-
-
 @click.command()
 @click.option("--concurrency", default=16, show_default=True)
 @click.option("--requests", "n_requests", default=32, show_default=True)
@@ -130,49 +115,33 @@ def main(concurrency: int, n_requests: int, max_tokens: int, pairs: int, port: i
     from workers.engine import VllmEngine
 
     s = get_settings()
-    env = {**os.environ, "API_KEYS": KEY, "WORKER_METRICS_PORT": "0"}
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "inferq.cli", "worker", "--loglevel", "WARNING"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "inferq.cli", "api", "--port", str(port), "--workers", "1",
-                          "--host", "127.0.0.1"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
-    base = f"http://127.0.0.1:{port}"
+    console.print(f"[bold]starting the baseline engine in-process, then a worker + API ({s.model_name})[/]")
+    engine = VllmEngine(s)
     try:
-        console.print(f"[bold]starting the baseline engine in-process and a worker + API ({s.model_name})[/]")
-        engine = VllmEngine(s)
-        _wait(lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 600, "worker + API")
-        texts = prompts(n_requests)
-        console.print("warm-up")
-        run_direct(engine, texts[:concurrency], 8, concurrency)
-        run_stack(base, s.served_model_name, texts[:concurrency], 8, concurrency)
-        table = Table(title=f"{n_requests} requests x {max_tokens} tokens, concurrency {concurrency}")
-        for col in ("pair", "direct tok/s", "stack tok/s", "ratio", "direct TTFT p50", "stack TTFT p50",
-                    "TTFT added"):
-            table.add_column(col, justify="right")
-        ratios, added = [], []
-        for pair in range(1, pairs + 1):
-            d = run_direct(engine, texts, max_tokens, concurrency)
-            st = run_stack(base, s.served_model_name, texts, max_tokens, concurrency)
-            ratios.append(st.tokens_per_s / d.tokens_per_s)
-            added.append(st.ttft_p50 - d.ttft_p50)
-            table.add_row(str(pair), f"{d.tokens_per_s:.1f}", f"{st.tokens_per_s:.1f}", f"{ratios[-1]:.3f}",
-                          f"{d.ttft_p50 * 1000:.0f} ms", f"{st.ttft_p50 * 1000:.0f} ms",
-                          f"{added[-1] * 1000:+.0f} ms")
-            console.print(f"pair {pair}: ratio {ratios[-1]:.3f}")
-        table.add_row("median", "", "", f"{statistics.median(ratios):.3f}", "", "",
-                      f"{statistics.median(added) * 1000:+.0f} ms")
-        console.print(table)
-        engine.shutdown()
+        with running_stack(port) as base:
+            texts = prompts(n_requests)
+            console.print("warm-up")
+            run_direct(engine, texts[:concurrency], 8, concurrency)
+            run_stack(base, s.served_model_name, texts[:concurrency], 8, concurrency)
+            table = Table(title=f"{n_requests} requests x {max_tokens} tokens, concurrency {concurrency}")
+            for col in ("pair", "direct tok/s", "stack tok/s", "ratio", "direct TTFT p50", "stack TTFT p50",
+                        "TTFT added"):
+                table.add_column(col, justify="right")
+            ratios, added = [], []
+            for pair in range(1, pairs + 1):
+                d = run_direct(engine, texts, max_tokens, concurrency)
+                st = run_stack(base, s.served_model_name, texts, max_tokens, concurrency)
+                ratios.append(st.tokens_per_s / d.tokens_per_s)
+                added.append(st.ttft_p50 - d.ttft_p50)
+                table.add_row(str(pair), f"{d.tokens_per_s:.1f}", f"{st.tokens_per_s:.1f}",
+                              f"{ratios[-1]:.3f}", f"{d.ttft_p50 * 1000:.0f} ms",
+                              f"{st.ttft_p50 * 1000:.0f} ms", f"{added[-1] * 1000:+.0f} ms")
+                console.print(f"pair {pair}: ratio {ratios[-1]:.3f}")
+            table.add_row("median", "", "", f"{statistics.median(ratios):.3f}", "", "",
+                          f"{statistics.median(added) * 1000:+.0f} ms")
+            console.print(table)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        engine.shutdown()
 
 
 if __name__ == "__main__":
