@@ -118,6 +118,10 @@ class Gateway:
         try:
             if params.model not in liveness.live_models(self.redis):
                 return self._no_worker(params.model)
+            if self._queue_full(params.model):
+                return errors.unavailable(
+                    f"Too many requests are waiting for the model '{params.model}'; try again shortly.",
+                    retry_after=2, code="queue_full")
             subscription = EventSubscription(self.redis, record.id)
             try:
                 quota_error = self._create(record)
@@ -203,6 +207,15 @@ class Gateway:
                             prompt_tokens=0, completion_tokens=0, error="not enqueued")
         except (jobs.TransitionRefused, redis.RedisError):
             log.warning("job %s: could not release its reservation", job_id)
+
+    def _queue_full(self, model: str) -> bool:
+        """True when ``MAX_QUEUE_DEPTH`` interactive requests already wait for ``model``.
+
+        A check, then an enqueue: concurrent API processes may overshoot the bound
+        by the number of requests admitted in the same instant.
+        """
+        depth = self.settings.max_queue_depth
+        return depth > 0 and int(self.redis.llen(keys.model_queue(model))) >= depth
 
     def _no_worker(self, model: str) -> ErrorResponse:
         if model == self.settings.served_model_name:

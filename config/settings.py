@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=16)
     max_num_seqs: int = Field(16, ge=1, le=1024)
     batch_share: float = Field(0.5, gt=0, le=1)
+    max_queue_depth: int = Field(256, ge=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     kv_cache_space_gib: int = Field(4, ge=1)
     enforce_eager: bool | None = None

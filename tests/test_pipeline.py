@@ -164,3 +164,29 @@ def test_models_and_ready(client, auth):
     models = client.get("/v1/models", headers=auth).json
     assert models["object"] == "list"
     assert SCRIPTED_MODEL in [m["id"] for m in models["data"]]
+
+
+def test_full_queue_is_503_with_retry_after(app_config, auth, redis_client):
+    from api import create_app
+    from queueing import keys, liveness
+
+    model = "busy-model"  # a live heartbeat, but nothing consumes its queue
+    liveness.beat(redis_client, model, "fake-worker", ttl=30)
+    queue = keys.model_queue(model)
+    redis_client.delete(queue)
+    client = create_app({**app_config, "served_model_name": model, "max_queue_depth": 3,
+                         "queue_timeout": 0.5}).test_client()
+    try:
+        redis_client.rpush(queue, "waiting-1", "waiting-2")
+        body = chat("x", max_tokens=1)
+        body["model"] = model
+        admitted = client.post("/v1/chat/completions", headers=auth, json=body)
+        assert admitted.status_code == 504  # two waiting: admitted, then it timed out in the queue
+        assert redis_client.llen(queue) == 3
+        resp = client.post("/v1/chat/completions", headers=auth, json=body)
+        assert resp.status_code == 503
+        assert resp.json["error"]["code"] == "queue_full"
+        assert resp.headers["Retry-After"] == "2"
+    finally:
+        redis_client.delete(queue)
+        liveness.retire(redis_client, model, "fake-worker")
