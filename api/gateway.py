@@ -49,9 +49,10 @@ class Payer(Protocol):
 class JobStream:
     """A submitted job's events, ending with exactly one terminal event."""
 
-    def __init__(self, gateway: Gateway, job_id: str, subscription: EventSubscription):
+    def __init__(self, gateway: Gateway, job_id: str, model: str, subscription: EventSubscription):
         self.gateway = gateway
         self.job_id = job_id
+        self.model = model
         self._subscription = subscription
         self._finished = False
 
@@ -60,9 +61,8 @@ class JobStream:
         try:
             while not self._finished:
                 s = self.gateway.settings
-                timeout = s.queue_timeout if first else s.idle_timeout
                 try:
-                    event = self._subscription.next_event(timeout)
+                    event = self._next(s.queue_timeout if first else s.idle_timeout)
                 except redis.RedisError:
                     log.exception("job %s: lost Redis while streaming", self.job_id)
                     event = events.Error("The queue became unavailable while streaming.", status=503,
@@ -74,6 +74,38 @@ class JobStream:
                 yield event
         finally:
             self.close()
+
+    def _next(self, timeout: float) -> events.TokenEvent | None:
+        """The next event within ``timeout``; between heartbeats, check the job's worker is alive."""
+        deadline = time.monotonic() + timeout
+        step = self.gateway.settings.worker_heartbeat_interval
+        while (left := deadline - time.monotonic()) > 0:
+            event = self._subscription.next_event(min(step, left))
+            if event is not None:
+                return event
+            if self._worker_lost():
+                return self._lost_error()
+        return None
+
+    def _worker_lost(self) -> bool:
+        status, worker = self.gateway.redis.hmget(keys.job(self.job_id), "status", "worker")
+        return status == jobs.JobStatus.RUNNING and bool(worker) and not liveness.is_alive(
+            self.gateway.redis, self.model, str(worker))
+
+    def _lost_error(self) -> events.Error:
+        """Fail the job whose worker died (its tokens so far are unknown: it settles at zero)."""
+        log.warning("job %s: its worker stopped sending heartbeats; failing it", self.job_id)
+        error = events.Error("The worker running this request stopped; the request did not complete.",
+                             status=503, error_type="service_unavailable", code="worker_lost")
+        try:
+            ttl = self.gateway.settings.job_ttl
+            jobs.transition(self.gateway.redis, self.job_id, jobs.JobStatus.FAILED, ttl,
+                            only_from=jobs.JobStatus.RUNNING, finished_at=time.time(), prompt_tokens=0,
+                            completion_tokens=0, error=error.message, error_code=error.code,
+                            error_type=error.error_type, error_status=error.status)
+        except jobs.TransitionRefused:
+            pass  # it ended after all; its own terminal event is on the channel
+        return error
 
     def _deadline_error(self, first: bool) -> events.Error:
         what = "waiting in the queue" if first else "waiting for the next token"
@@ -135,7 +167,7 @@ class Gateway:
                 raise
         except (redis.RedisError, OperationalError, OSError):
             return _queue_unavailable()
-        return JobStream(self, record.id, subscription)
+        return JobStream(self, record.id, params.model, subscription)
 
     def submit_job(self, params: GenerationParams, payer: Payer, endpoint: str,
                    metadata: str | None) -> JobRecord | ErrorResponse:

@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     ip_rate_limit: str = "600/minute"
     auth_failure_limit: str = "20/minute"
-    worker_heartbeat_interval: float = Field(5.0, gt=0)
-    worker_heartbeat_ttl: float = Field(15.0, gt=0)
+    worker_heartbeat_interval: float = Field(2.0, gt=0)
+    worker_heartbeat_ttl: float = Field(6.0, gt=0)
 
     # Drain settled usage into the SQL ledger from a background thread of each API process.
     ledger_drain: bool = True

@@ -34,3 +34,9 @@ def live_models(client: redis.Redis) -> Counter[str]:
     pipe.zrangebyscore(keys.LIVE_WORKERS, now, "+inf")
     _, members = pipe.execute()
     return Counter(member.split(_SEP, 1)[0] for member in members)
+
+
+def is_alive(client: redis.Redis, model: str, worker_id: str) -> bool:
+    """True while ``worker_id``'s heartbeat for ``model`` has not expired."""
+    score = client.zscore(keys.LIVE_WORKERS, f"{model}{_SEP}{worker_id}")
+    return score is not None and float(score) > time.time()
