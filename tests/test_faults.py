@@ -38,3 +38,71 @@ def test_sigkilled_worker_ends_the_stream_with_an_error(redis_url, app_config, a
     assert "[DONE]" not in rest
     assert ended < 10  # the heartbeat TTL (3 s in tests) plus a check interval, not the 60 s idle deadline
     assert jobs.get(redis_client, job_id).status is JobStatus.FAILED
+
+
+def test_sigterm_lets_a_worker_finish_its_running_streams(redis_url, app_config, auth, tmp_path):
+    from api import create_app
+    from tests.sse_client import content
+
+    model = "retiring-model"
+    worker = start_worker(redis_url, tmp_path, model, 60, ENGINE="scripted")
+    client = create_app({**app_config, "served_model_name": model}).test_client()
+    try:
+        resp = client.post("/v1/chat/completions", headers=auth, buffered=False, json={
+            "model": model, "max_tokens": 20, "stream": True,
+            "messages": [{"role": "user", "content": "[[delay=0.1]] go"}]})
+        stream = iter(resp.response)
+        head = next(stream) + next(stream)
+        worker.proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+        body = (head + b"".join(stream)).decode()
+        assert content(body) == " ".join(f"tok{i}" for i in range(20))
+        assert frames(body)[-1] == "[DONE]"
+        assert worker.proc.wait(20) == 0  # and then it exits
+    finally:
+        worker.stop()
+
+
+def test_redis_restart_gives_fast_503s_then_recovers(app_config, auth, tmp_path):
+    import shutil
+    import subprocess
+
+    import redis as redis_lib
+
+    from api import create_app
+    from tests.conftest import free_port, wait_for
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start_redis() -> subprocess.Popen:
+        proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: redis_lib.Redis.from_url(url).ping(), 10, "redis-server", proc)
+        return proc
+
+    model = "weathering-model"
+    server = start_redis()
+    worker = start_worker(url, tmp_path, model, 60, ENGINE="scripted")
+    client = create_app({**app_config, "redis_url": url, "served_model_name": model}).test_client()
+    body = {"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        assert client.post("/v1/chat/completions", headers=auth, json=body).status_code == 200
+        server.kill()
+        server.wait()
+        started = time.monotonic()
+        down = client.post("/v1/chat/completions", headers=auth, json=body)
+        assert down.status_code == 503 and down.json["error"]["code"] == "queue_unavailable"
+        assert time.monotonic() - started < 5
+        server = start_redis()  # empty: the worker must re-announce itself and re-consume
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            up = client.post("/v1/chat/completions", headers=auth, json=body)
+            if up.status_code == 200:
+                break
+            time.sleep(0.5)
+        assert up.status_code == 200, up.json
+        assert up.json["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
+    finally:
+        worker.stop()
+        server.kill()
