@@ -88,8 +88,14 @@ def test_redis_restart_gives_fast_503s_then_recovers(app_config, auth, tmp_path)
     body = {"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
     try:
         assert client.post("/v1/chat/completions", headers=auth, json=body).status_code == 200
+        # Kill Redis while a job runs, so the worker also loses an unacknowledged task.
+        slow = client.post("/v1/chat/completions", headers=auth, buffered=False, json={
+            **body, "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "[[delay=0.3]] go"}]})
+        next(iter(slow.response))
         server.kill()
         server.wait()
+        slow.close()
         started = time.monotonic()
         down = client.post("/v1/chat/completions", headers=auth, json=body)
         assert down.status_code == 503 and down.json["error"]["code"] == "queue_unavailable"
@@ -101,7 +107,7 @@ def test_redis_restart_gives_fast_503s_then_recovers(app_config, auth, tmp_path)
             if up.status_code == 200:
                 break
             time.sleep(0.5)
-        assert up.status_code == 200, up.json
+        assert up.status_code == 200, (up.json, worker.proc.poll())
         assert up.json["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
     finally:
         worker.stop()

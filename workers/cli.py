@@ -6,9 +6,13 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import click
+from celery.signals import worker_shutting_down
 
 from config import get_settings
 
@@ -65,19 +69,42 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
             log.warning("metrics port %s unavailable: %s", settings.worker_metrics_port, exc)
     runtime.start()
     node = re.sub(r"[^\w.-]", "_", settings.served_model_name)
+    # Celery's pool takes interactive work; the runtime's BatchConsumer takes
+    # batch work within BATCH_SHARE of the slots.
+    argv = [
+        "worker", "--pool", "threads",
+        "--concurrency", str(concurrency or settings.max_num_seqs),
+        "--queues", keys.model_queue(settings.served_model_name),
+        "--hostname", f"{node}.{os.getpid()}@{socket.gethostname()}",
+        "--task-events", "--without-mingle", "--without-gossip",
+        "--loglevel", loglevel,
+    ]
     try:
-        # Celery's pool takes interactive work; the runtime's BatchConsumer takes
-        # batch work within BATCH_SHARE of the slots.
-        app.worker_main([
-            "worker", "--pool", "threads",
-            "--concurrency", str(concurrency or settings.max_num_seqs),
-            "--queues", keys.model_queue(settings.served_model_name),
-            "--hostname", f"{node}.{os.getpid()}@{socket.gethostname()}",
-            "--task-events", "--without-mingle", "--without-gossip",
-            "--loglevel", loglevel,
-        ])
+        _run_celery(app, argv, log)
     finally:
         runtime.stop()
+
+
+def _run_celery(app: Any, argv: list[str], log: logging.Logger) -> None:
+    """Run Celery's worker; if it dies of an error rather than a shutdown, start it again.
+
+    kombu can fail with an "unrecoverable" error while restoring unacknowledged
+    messages on a connection Redis just dropped; the engine is fine, so restart
+    the consumer in this process instead of losing the worker (and its engine).
+    """
+    asked_to_stop = threading.Event()
+    worker_shutting_down.connect(lambda **_: asked_to_stop.set(), weak=False)
+    while True:
+        try:
+            app.worker_main(argv)
+        except SystemExit:
+            pass
+        except Exception:  # noqa: BLE001 - recovered below like any other stop
+            log.exception("Celery's worker failed")
+        if asked_to_stop.is_set():  # SIGTERM, SIGINT or SIGQUIT: a real shutdown
+            return
+        log.error("Celery's worker stopped without being asked to; restarting it in 2 s")
+        time.sleep(2)
 
 
 @click.command("prepare-model")
