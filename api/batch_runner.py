@@ -50,7 +50,6 @@ class BatchRunner:
         self.store = store
         self.files = files
         self.gateway = gateway
-        self._stopped: dict[str, dict[str, str]] = {}
 
     # --- dispatch -----------------------------------------------------------
 
@@ -105,7 +104,7 @@ class BatchRunner:
                 "invalid_request_error", "model_not_found", "model"))
         record = self.gateway.new_record(params, payer, job_id=job_id)
         record.batch_id, record.custom_id, record.endpoint = batch.id, custom_id, batch.endpoint
-        record.metadata = json.dumps({"line": str(line_no)})
+        record.batch_line = line_no
         submitted = self.gateway.enqueue_batch(record)
         if isinstance(submitted, ErrorResponse):
             return self._failed(batch.id, custom_id, line_no, job_id, submitted)
@@ -155,39 +154,39 @@ class BatchRunner:
     def on_settled(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         """Record finished batch lines (a hook of the usage ledger's drain)."""
         touched = set()
-        self._stopped = {}  # batch id -> why its cancelled lines stopped (read once per drain)
+        stopped: dict[str, dict[str, str]] = {}  # batch id -> why its cancelled lines stopped
         for _, fields in entries:
             if fields.get("batch_id"):
                 record = jobs.get(self.gateway.redis, fields["job_id"])
                 if record is not None and record.batch_id and record.custom_id:
-                    self.store.record(self._line_result(record))
+                    self.store.record(self._line_result(record, stopped))
                     touched.add(record.batch_id)
         for batch_id in touched:
             self.maybe_finalize(batch_id)
 
-    def _line_result(self, record: JobRecord) -> LineResult:
+    def _line_result(self, record: JobRecord, stopped: dict[str, dict[str, str]]) -> LineResult:
         assert record.batch_id and record.custom_id
-        line_no = int(json.loads(record.metadata or "{}").get("line", 0))
+        line_no = record.batch_line or 0
         usage = (record.prompt_tokens or 0, record.completion_tokens or 0)
         job = job_object(record)
         if record.status is JobStatus.SUCCEEDED and job.response is not None:
             line = output_line(record.custom_id, record.id, 200, job.response)
             return LineResult(record.batch_id, record.custom_id, line_no, True, line, *usage)
         if record.status is JobStatus.CANCELLED:
-            line = output_line(record.custom_id, record.id, 0, None, self._stopped_error(record.batch_id))
+            if record.batch_id not in stopped:
+                stopped[record.batch_id] = self._stop_reason(record.batch_id)
+            line = output_line(record.custom_id, record.id, 0, None, stopped[record.batch_id])
         else:
             error = job.error.model_dump() if job.error else {"message": "failed", "type": "server_error"}
             line = output_line(record.custom_id, record.id, record.error_status or 500, {"error": error})
         return LineResult(record.batch_id, record.custom_id, line_no, False, line, *usage)
 
-    def _stopped_error(self, batch_id: str) -> dict[str, str]:
-        if batch_id not in self._stopped:
-            batch = self.store.get(batch_id)
-            expired = batch is not None and batch.expired_at is not None
-            self._stopped[batch_id] = (
-                {"code": "batch_expired", "message": "The batch expired before this request ran."} if expired
-                else {"code": "batch_cancelled", "message": "The batch was cancelled."})
-        return self._stopped[batch_id]
+    def _stop_reason(self, batch_id: str) -> dict[str, str]:
+        """The error of a line its batch stopped: expired, or cancelled."""
+        batch = self.store.get(batch_id)
+        if batch is not None and batch.expired_at is not None:
+            return {"code": "batch_expired", "message": "The batch expired before this request ran."}
+        return {"code": "batch_cancelled", "message": "The batch was cancelled."}
 
     def maybe_finalize(self, batch_id: str) -> None:
         """After the last line: write the output and error files and end the batch."""

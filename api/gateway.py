@@ -148,9 +148,10 @@ class Gateway:
         or say why it cannot run now."""
         record = self.new_record(params, payer)
         try:
-            if params.model not in liveness.live_models(self.redis):
+            live, waiting = self._admission_state(params.model)
+            if not live:
                 return self._no_worker(params.model)
-            if self._queue_full(params.model):
+            if 0 < self.settings.max_queue_depth <= waiting:
                 return errors.unavailable(
                     f"Too many requests are waiting for the model '{params.model}'; try again shortly.",
                     retry_after=2, code="queue_full")
@@ -240,14 +241,18 @@ class Gateway:
         except (jobs.TransitionRefused, redis.RedisError):
             log.warning("job %s: could not release its reservation", job_id)
 
-    def _queue_full(self, model: str) -> bool:
-        """True when ``MAX_QUEUE_DEPTH`` interactive requests already wait for ``model``.
+    def _admission_state(self, model: str) -> tuple[bool, int]:
+        """Whether ``model`` has a live worker, and how many interactive requests wait for it
+        (one round trip).
 
-        A check, then an enqueue: concurrent API processes may overshoot the bound
-        by the number of requests admitted in the same instant.
+        The depth is checked, then the job enqueued: concurrent API processes may
+        overshoot ``MAX_QUEUE_DEPTH`` by the requests admitted in the same instant.
         """
-        depth = self.settings.max_queue_depth
-        return depth > 0 and int(self.redis.llen(keys.model_queue(model))) >= depth
+        pipe = self.redis.pipeline(transaction=False)
+        liveness.query_live(pipe)
+        pipe.llen(keys.model_queue(model))
+        members, waiting = pipe.execute()
+        return model in liveness.count_models(members), int(waiting)
 
     def _no_worker(self, model: str) -> ErrorResponse:
         if model == self.settings.served_model_name:

@@ -31,6 +31,7 @@ from api.protocol import (
     UsageInfo,
 )
 from queueing import events
+from queueing.jobs import GenerationParams
 
 CANCELLED = errors.error(503, "The request was cancelled before it finished.",
                          "service_unavailable", "cancelled")
@@ -107,14 +108,16 @@ class CompletionFormat:
 Served = BaseModel | ErrorResponse | Iterator[str]
 
 
-def serve_chat(gateway: Gateway, request: ChatCompletionRequest, principal: Principal) -> Served:
-    """``POST /v1/chat/completions``."""
-    return _serve(gateway, request, principal, ChatFormat)
+def serve_chat(gateway: Gateway, request: ChatCompletionRequest, params: GenerationParams,
+               principal: Principal) -> Served:
+    """``POST /v1/chat/completions`` (``params`` is ``request.to_params()``)."""
+    return _serve(gateway, request, params, principal, ChatFormat)
 
 
-def serve_completion(gateway: Gateway, request: CompletionRequest, principal: Principal) -> Served:
-    """``POST /v1/completions``."""
-    return _serve(gateway, request, principal, CompletionFormat)
+def serve_completion(gateway: Gateway, request: CompletionRequest, params: GenerationParams,
+                     principal: Principal) -> Served:
+    """``POST /v1/completions`` (``params`` is ``request.to_params()``)."""
+    return _serve(gateway, request, params, principal, CompletionFormat)
 
 
 def model_not_found(model: str) -> ErrorResponse:
@@ -123,11 +126,11 @@ def model_not_found(model: str) -> ErrorResponse:
                         "invalid_request_error", "model_not_found", "model")
 
 
-def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest, principal: Principal,
-           format_cls: type[ChatFormat] | type[CompletionFormat]) -> Served:
+def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest, params: GenerationParams,
+           principal: Principal, format_cls: type[ChatFormat] | type[CompletionFormat]) -> Served:
     if not principal.may_use(request.model):
         return model_not_found(request.model)
-    submitted = gateway.submit(request.to_params(), principal)
+    submitted = gateway.submit(params, principal)
     if isinstance(submitted, ErrorResponse):
         return submitted
     fmt = format_cls(submitted.job_id, request.model)

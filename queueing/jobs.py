@@ -114,6 +114,7 @@ class JobRecord:
     # Lines of a batch (/v1/batches): which batch, and the line's custom_id.
     batch_id: str | None = None
     custom_id: str | None = None
+    batch_line: int | None = None
 
     def to_hash(self) -> dict[str, str]:
         """Flatten for ``HSET``; ``None`` fields are left out."""
@@ -132,7 +133,8 @@ class JobRecord:
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> JobRecord:
         floats = ("created_at", "started_at", "finished_at")
-        ints = ("prompt_tokens", "completion_tokens", "quota_limit", "reserved_tokens", "error_status")
+        ints = ("prompt_tokens", "completion_tokens", "quota_limit", "reserved_tokens", "error_status",
+                "batch_line")
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             if name == "params":

@@ -1,7 +1,8 @@
 """Worker heartbeats in Redis: which models have a live worker right now.
 
-Each worker refreshes its entry every few seconds with an expiry score; readers
-drop expired entries. Asking Redis is one round trip, unlike a Celery broadcast.
+Each worker refreshes its entry every few seconds with an expiry score (and
+trims entries that expired); readers only read, counting unexpired entries.
+Asking Redis is one round trip, unlike a Celery broadcast.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ _SEP = "\t"
 
 def beat(client: redis.Redis, model: str, worker_id: str, ttl: float) -> None:
     """Record that ``worker_id`` serves ``model`` for the next ``ttl`` seconds."""
-    client.zadd(keys.LIVE_WORKERS, {f"{model}{_SEP}{worker_id}": time.time() + ttl})
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(keys.LIVE_WORKERS, "-inf", now)
+    pipe.zadd(keys.LIVE_WORKERS, {f"{model}{_SEP}{worker_id}": now + ttl})
+    pipe.execute()
 
 
 def retire(client: redis.Redis, model: str, worker_id: str) -> None:
@@ -26,14 +31,21 @@ def retire(client: redis.Redis, model: str, worker_id: str) -> None:
     client.zrem(keys.LIVE_WORKERS, f"{model}{_SEP}{worker_id}")
 
 
+def query_live(pipe: redis.client.Pipeline) -> None:
+    """Queue the read of live entries on ``pipe`` (parse its reply with :func:`count_models`)."""
+    pipe.zrangebyscore(keys.LIVE_WORKERS, time.time(), "+inf")
+
+
+def count_models(members: list[str]) -> Counter[str]:
+    """Served model name -> number of live workers, from :func:`query_live`'s reply."""
+    return Counter(member.split(_SEP, 1)[0] for member in members)
+
+
 def live_models(client: redis.Redis) -> Counter[str]:
     """Served model name -> number of live workers."""
-    now = time.time()
     pipe = client.pipeline(transaction=False)
-    pipe.zremrangebyscore(keys.LIVE_WORKERS, "-inf", now)
-    pipe.zrangebyscore(keys.LIVE_WORKERS, now, "+inf")
-    _, members = pipe.execute()
-    return Counter(member.split(_SEP, 1)[0] for member in members)
+    query_live(pipe)
+    return count_models(pipe.execute()[0])
 
 
 def is_alive(client: redis.Redis, model: str, worker_id: str) -> bool:

@@ -58,7 +58,7 @@ class Engine(Protocol):
 class PromptError(ValueError):
     """The request cannot run on this model (e.g. longer than its context)."""
 
-    def __init__(self, message: str, code: str = "context_length_exceeded", param: str = "messages"):
+    def __init__(self, message: str, code: str = "context_length_exceeded", param: str | None = "messages"):
         super().__init__(message)
         self.code = code
         self.param = param
@@ -220,7 +220,7 @@ class VllmEngine:
                         ended = True
                         break
                     if isinstance(item, ValueError):  # vLLM's input validation
-                        yield PromptError(str(item), code="invalid_request", param="").to_event()
+                        yield PromptError(str(item), code="invalid_request", param=None).to_event()
                         return
                     if isinstance(item, Exception):
                         raise item

@@ -40,14 +40,12 @@ def _prompt_text(params: GenerationParams) -> str:
 
 
 class ScriptedEngine:
-    """Deterministic engine double; records how many requests ran at once."""
+    """Deterministic engine double."""
 
     def __init__(self, token_delay: float = 0.0):
         self.token_delay = token_delay
         self._aborted: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        self.in_flight = 0
-        self.peak_in_flight = 0
 
     def stream(self, request_id: str, params: GenerationParams, admit: AdmitCallback | None = None,
                priority: int = 0) -> Iterator[events.TokenEvent]:
@@ -84,14 +82,11 @@ class ScriptedEngine:
     def _register(self, request_id: str) -> threading.Event:
         with self._lock:
             stop = self._aborted[request_id] = threading.Event()
-            self.in_flight += 1
-            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             return stop
 
     def _unregister(self, request_id: str) -> None:
         with self._lock:
             self._aborted.pop(request_id, None)
-            self.in_flight -= 1
 
     def abort(self, request_id: str) -> bool:
         """Stop the request at its next token."""

@@ -20,10 +20,11 @@ def _endpoint(model: type[Any], serve: Callable[..., serving.Served]) -> Respons
     parsed = parse_body(model)
     if isinstance(parsed, ErrorResponse):
         return respond(parsed)
-    refused = charge_tokens(parsed.to_params())
+    params = parsed.to_params()
+    refused = charge_tokens(params)
     if refused is not None:
         return respond(refused)
-    return respond(serve(services().gateway, parsed, g.principal))
+    return respond(serve(services().gateway, parsed, params, g.principal))
 
 
 @bp.post("/chat/completions")
