@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from api import admission
 from api.auth import hash_key
 from api.db import ApiKey, Database
 from config import Settings
 from queueing import keys, metering
+from queueing.jobs import GenerationParams
 from tests.conftest import SCRIPTED_MODEL
 from tests.sse_client import chunks, frames
 
@@ -146,7 +148,11 @@ def test_fifty_concurrent_requests_never_cross_the_quota(two_apis, redis_client)
     assert counter["reserved"] == "0"
     assert int(counter["used"]) == served <= quota
     assert any(status == 429 for status, _ in results)
-    assert sum(status == 200 for status, _ in results) >= 5
+    # At least as many as fit side by side at their worst case (the API's prompt bound
+    # plus max_tokens); more when early ones settle while later ones still arrive.
+    worst = admission.worst_case_tokens(GenerationParams(
+        kind="chat", model="m", messages=[{"role": "user", "content": "w10"}], max_tokens=20), 2048)
+    assert sum(status == 200 for status, _ in results) >= quota // worst
     usage = httpx.get(f"{bases[0]}/v1/usage", headers={"X-API-Key": key}).json()
     assert usage["today"]["total_tokens"] == served
     print(json.dumps({"fired": 50, "quota": quota, "served_tokens": served,

@@ -141,13 +141,16 @@ def test_cancelling_a_running_job_stops_the_engine(stack):
     body = {"endpoint": "/v1/completions",
             "body": {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}}
     job = httpx.post(f"{base}/v1/jobs", headers=headers, json=body).json()
+    url = f"{base}/v1/jobs/{job['id']}"
     deadline = time.monotonic() + 30
-    while _running(stack["metrics"]) < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _running(stack["metrics"]) == 1  # the engine is generating it
-    httpx.post(f"{base}/v1/jobs/{job['id']}/cancel", headers=headers)
-    done = httpx.get(f"{base}/v1/jobs/{job['id']}?wait=10", headers=headers).json()
+    while httpx.get(url, headers=headers).json()["status"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # some tokens out, far from 900
+    httpx.post(f"{url}/cancel", headers=headers)
+    done = httpx.get(f"{url}?wait=10", headers=headers).json()
     assert done["status"] == "cancelled"
     assert 0 < done["usage"]["completion_tokens"] < 900
-    time.sleep(0.5)
+    deadline = time.monotonic() + 5
+    while _running(stack["metrics"]) != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _running(stack["metrics"]) == 0  # the engine itself dropped the request

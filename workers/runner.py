@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -45,6 +46,23 @@ class JobRunner:
         self.redis = client
         self.worker_id = worker_id
         self.job_ttl = job_ttl
+        self._lock = threading.Lock()
+        self._active: set[str] = set()
+        self._cancel_pending: set[str] = set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Abort ``job_id`` if this worker runs it; False if it is not running here.
+
+        A cancel may arrive after the job turned RUNNING but before the engine has
+        registered the request; it is then kept and applied at the next event.
+        """
+        if self.engine.abort(job_id):
+            return True
+        with self._lock:
+            if job_id not in self._active:
+                return False
+            self._cancel_pending.add(job_id)
+        return True
 
     def run(self, job_id: str, params: GenerationParams, priority: int = INTERACTIVE) -> None:
         """Generate for ``job_id``, publishing deltas and exactly one terminal event."""
@@ -61,9 +79,14 @@ class JobRunner:
             return
         parts: list[str] = []
         terminal: events.TerminalEvent = ENGINE_FAILURE
+        with self._lock:
+            self._active.add(job_id)
         try:
             for event in self.engine.stream(job_id, params, admit=self._admission(job_id),
                                             priority=priority):
+                if job_id in self._cancel_pending and self.engine.abort(job_id):
+                    with self._lock:
+                        self._cancel_pending.discard(job_id)
                 if isinstance(event, events.Delta):
                     channel.publish(self.redis, job_id, event)
                     parts.append(event.text)
@@ -73,6 +96,10 @@ class JobRunner:
             log.exception("job %s: Redis failed while streaming; request aborted", job_id)
         except Exception:
             log.exception("job %s: engine failed", job_id)
+        finally:
+            with self._lock:
+                self._active.discard(job_id)
+                self._cancel_pending.discard(job_id)
         self.finish(job_id, terminal, "".join(parts))
 
     def run_batch(self, job_id: str, params: dict[str, Any]) -> None:

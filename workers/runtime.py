@@ -90,7 +90,7 @@ class WorkerRuntime:
                 pubsub.subscribe(keys.CANCEL_CHANNEL)
                 while not self._stopping.is_set():
                     msg = pubsub.get_message(timeout=1.0)
-                    if msg and self.engine.abort(msg["data"]):
+                    if msg and self.runner.cancel(msg["data"]):
                         log.info("job %s aborted on request", msg["data"])
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
