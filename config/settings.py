@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     worker_metrics_port: int = 9200
     gpu_monitor_port: int = 9101
+    gpu_monitor_interval: float = Field(5.0, gt=0)
+    # Where each API process writes its metric files for gunicorn multiprocess mode
+    # (PROMETHEUS_MULTIPROC_DIR); empty = a fresh directory per `inferq api` start.
+    prometheus_multiproc_dir: str = ""
 
     # Access
     api_keys: str = ""
@@ -75,6 +79,9 @@ class Settings(BaseSettings):
     ledger_drain: bool = True
 
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # Seconds an API process keeps serving open streams after SIGTERM before it exits.
+    api_graceful_timeout: int = Field(30, ge=0)
 
     @property
     def bootstrap_keys(self) -> list[str]:

@@ -23,6 +23,8 @@ LAZY_COMMANDS = {
     "run": "inferq.stack:run",
     "db": "api.keys_cli:db",
     "keys": "api.keys_cli:keys",
+    "gpu-monitor": "gpu_monitor.cli:gpu_monitor",
+    "loadtest": "loadtest.cli:loadtest",
 }
 
 

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_KEY = "iq-test-0123456789abcdef0123"
 SCRIPTED_MODEL = "scripted-model"
 REAL_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
+REAL_MODEL = "SmolLM2-135M-Instruct"
 
 
 def free_port() -> int:
@@ -151,6 +152,22 @@ def scripted_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
     worker = start_worker(redis_url, tmp, SCRIPTED_MODEL, 60, ENGINE="scripted", MAX_NUM_SEQS="32")
     yield worker
     worker.stop()
+
+
+@pytest.fixture(scope="session")
+def real_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One real vLLM worker (SmolLM2, vLLM metrics on ``metrics``) and one API for the session."""
+    if not (REAL_MODEL_DIR / "config.json").exists():
+        pytest.fail("the default model is not prepared: run `make model`")
+    tmp = tmp_path_factory.mktemp("real")
+    metrics_port = free_port()
+    worker = start_worker(redis_url, tmp, REAL_MODEL, 300, MODEL_NAME=str(REAL_MODEL_DIR),
+                          WORKER_METRICS_PORT=str(metrics_port), MAX_NUM_SEQS="16",
+                          MAX_MODEL_LEN="1024", KV_CACHE_SPACE_GIB="1")
+    api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL, FILES_DIR=str(tmp / "files"))
+    yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    api.stop()
+    worker.stop(60)
 
 
 @pytest.fixture(scope="module")

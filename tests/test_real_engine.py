@@ -1,7 +1,7 @@
 """End to end on the real vLLM engine (SmolLM2-135M-Instruct on the CPU).
 
-One worker and one API server for the whole module; the engine takes about a
-minute to start. ``max_tokens`` stays small.
+One worker and one API server for the whole test session (``real_stack`` in
+conftest); the engine takes about a minute to start. ``max_tokens`` stays small.
 """
 
 from __future__ import annotations
@@ -15,25 +15,15 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REAL_MODEL_DIR, TEST_KEY, free_port, start_api, start_worker
+from tests.conftest import TEST_KEY
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(scope="module")
-def stack(redis_url, tmp_path_factory):
-    if not (REAL_MODEL_DIR / "config.json").exists():
-        pytest.fail("the default model is not prepared: run `make model`")
-    tmp = tmp_path_factory.mktemp("real")
-    metrics_port = free_port()
-    worker = start_worker(redis_url, tmp, MODEL, 300, MODEL_NAME=str(REAL_MODEL_DIR),
-                          WORKER_METRICS_PORT=str(metrics_port), MAX_NUM_SEQS="16",
-                          MAX_MODEL_LEN="1024", KV_CACHE_SPACE_GIB="1")
-    api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=MODEL, FILES_DIR=str(tmp / "files"))
-    yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-    api.stop()
-    worker.stop(60)
+@pytest.fixture
+def stack(real_stack):
+    return real_stack
 
 
 @pytest.fixture
