@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.inferq-installed
 MODEL  := models/SmolLM2-135M-Instruct/.inferq-prepared
 PYTEST_ARGS ?=
 
-.PHONY: help install model run test test-fast lint redis-server clean
+.PHONY: help install model run test test-fast lint loadtest redis-server clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,13 @@ test-fast: install  ## tests without the real engine
 lint: install  ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+CONCURRENCY ?= 16
+DURATION    ?= 60
+LOADTEST_ARGS ?=
+
+loadtest: $(STAMP)  ## load-test a running server (CONCURRENCY, DURATION, LOADTEST_ARGS="--rate 5 ...")
+	$(VENV)/bin/inferq loadtest --concurrency $(CONCURRENCY) --duration $(DURATION) $(LOADTEST_ARGS)
 
 clean:  ## remove the virtual environment and prepared models
 	rm -rf $(VENV) models
