@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from api import errors, logs
+from api import errors, metrics
 from api.auth import KeyStore
 from api.batch_runner import BatchRunner
 from api.batch_store import BatchStore
@@ -20,7 +20,7 @@ from api.gateway import Gateway
 from api.ledger import Ledger
 from api.ratelimit import KeyRateLimiter, failed_auth_only, ip_limiter
 from api.routes import batches, completions, files, health, jobs, models, usage
-from config import Settings, get_settings
+from config import Settings, get_settings, logs
 from queueing.celery_app import make_celery
 from queueing.connections import get_redis
 
@@ -43,7 +43,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ``test_config`` overrides settings fields (as ``Settings(**test_config)``).
     """
     settings = Settings(**test_config) if test_config else get_settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -65,6 +65,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                     "this server", len(settings.placeholder_keys))
 
     _register_hooks(app, settings)
+    metrics.init_app(app, settings, client)
     errors.register_error_handlers(app)
     limiter = ip_limiter(app, settings)
     limiter.limit(settings.ip_rate_limit)(health.bp)
@@ -81,6 +82,7 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
     def _request_id() -> None:
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        logs.request_id.set(g.request_id)
 
     @app.before_request
     def _reject_oversize() -> Response | None:

@@ -21,7 +21,7 @@ from flask import g, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import errors
+from api import errors, metrics
 from api.db import ApiKey, Database
 from api.extensions import services
 
@@ -127,12 +127,14 @@ def require_api_key(view: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         key = presented_key()
         if key is None:
+            metrics.AUTH_FAILURES.labels("missing_key").inc()
             return errors.to_response(errors.error(
                 401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                 "or 'X-API-Key: <key>'.", "invalid_request_error", "missing_api_key"))
         principal = services().keys.verify(key)
         if principal is None:
             log.info("rejected API key %s", display_prefix(key))
+            metrics.AUTH_FAILURES.labels("invalid_key").inc()
             return errors.to_response(errors.error(
                 401, f"Incorrect API key provided: {display_prefix(key)}", "invalid_request_error",
                 "invalid_api_key"))

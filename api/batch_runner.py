@@ -9,6 +9,7 @@ records the line (once per custom_id) and finalizes the batch after its last lin
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -54,8 +55,9 @@ class BatchRunner:
     # --- dispatch -----------------------------------------------------------
 
     def start(self, batch: Batch, payer: Payer, may_use: Any) -> None:
-        """Dispatch ``batch`` in the background."""
-        threading.Thread(target=self._dispatch_safely, args=(batch.id, payer, may_use),
+        """Dispatch ``batch`` in the background (its lines log the creating request's id)."""
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._dispatch_safely, batch.id, payer, may_use),
                          name=f"dispatch-{batch.id}", daemon=True).start()
 
     def _dispatch_safely(self, batch_id: str, payer: Payer, may_use: Any) -> None:

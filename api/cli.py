@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import click
 
-from config import get_settings
+from api.gunicorn_conf import OWNED_METRICS_DIR
+from config import Settings, get_settings
+
+
+def metrics_dir(settings: Settings) -> str:
+    """An empty directory for this run's multiprocess metrics (PROMETHEUS_MULTIPROC_DIR)."""
+    if not settings.prometheus_multiproc_dir:
+        path = tempfile.mkdtemp(prefix="inferq-metrics-")
+        os.environ[OWNED_METRICS_DIR] = path
+        return path
+    path = settings.prometheus_multiproc_dir
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for stale in Path(path).glob("*.db"):  # samples of an earlier run would be summed in
+        stale.unlink()
+    return path
 
 
 @click.command("api")
@@ -19,13 +35,15 @@ from config import get_settings
 def api(host: str | None, port: int | None, workers: int | None, connections: int) -> None:
     """Serve the OpenAI-compatible API (gunicorn + gevent)."""
     s = get_settings()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(s)
     argv = [
         sys.executable, "-m", "gunicorn",
         "--worker-class", "gevent",
         "--workers", str(workers or s.api_workers),
         "--worker-connections", str(connections),
         "--bind", f"{host or s.api_host}:{port or s.api_port}",
-        "--graceful-timeout", "30",
+        "--graceful-timeout", str(s.api_graceful_timeout),
+        "--config", str(Path(__file__).with_name("gunicorn_conf.py")),
         "--access-logfile", "-",
         "--no-control-socket",  # several API servers may share a host
         "api:create_app()",

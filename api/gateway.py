@@ -18,10 +18,10 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from api import errors
+from api import errors, metrics
 from api.admission import worst_case_tokens
 from api.protocol import ErrorResponse
-from config import Settings
+from config import Settings, logs
 from queueing import events, jobs, keys, liveness, metering
 from queueing.celery_app import enqueue_generation
 from queueing.channel import EventSubscription
@@ -152,6 +152,7 @@ class Gateway:
             if not live:
                 return self._no_worker(params.model)
             if 0 < self.settings.max_queue_depth <= waiting:
+                metrics.REJECTIONS.labels("queue_full").inc()
                 return errors.unavailable(
                     f"Too many requests are waiting for the model '{params.model}'; try again shortly.",
                     retry_after=2, code="queue_full")
@@ -161,7 +162,8 @@ class Gateway:
                 if quota_error is not None:
                     subscription.close()
                     return quota_error
-                enqueue_generation(self.celery, record.id, params.to_dict(), params.model)
+                enqueue_generation(self.celery, record.id, params.to_dict(), params.model,
+                                   request_id=logs.request_id.get())
             except BaseException:
                 subscription.close()
                 self._abandon(record.id)
@@ -191,7 +193,8 @@ class Gateway:
             if quota_error is not None:
                 return quota_error
             try:
-                enqueue_generation(self.celery, record.id, params.to_dict(), params.model, batch=True)
+                enqueue_generation(self.celery, record.id, params.to_dict(), params.model, batch=True,
+                                   request_id=logs.request_id.get())
             except BaseException:
                 self._abandon(record.id)
                 raise
@@ -225,6 +228,7 @@ class Gateway:
         except jobs.QuotaExceeded as exc:
             log.info("quota: key %s refused %d tokens (%d used, %d reserved of %d)",
                      record.key_id, record.reserved_tokens, exc.used, exc.reserved, exc.limit)
+            metrics.REJECTIONS.labels("quota").inc()
             return errors.error(
                 429, f"This request needs up to {record.reserved_tokens} tokens, which would exceed your "
                 f"daily quota of {exc.limit} tokens ({exc.used} used, {exc.reserved} held by requests "
@@ -256,6 +260,7 @@ class Gateway:
 
     def _no_worker(self, model: str) -> ErrorResponse:
         if model == self.settings.served_model_name:
+            metrics.REJECTIONS.labels("no_worker").inc()
             return errors.unavailable(f"No live worker serves the model '{model}' right now.",
                                       retry_after=10, code="no_live_worker")
         return errors.error(404, f"The model '{model}' does not exist or you do not have access to it.",

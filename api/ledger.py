@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from api import metrics
 from api.db import Database, UsageRecord
 from queueing import keys
 
@@ -44,6 +45,12 @@ class UsageRow:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+def _count_tokens(entries: list[tuple[str, dict[str, str]]]) -> None:
+    for _, fields in entries:
+        metrics.TOKENS.labels(fields["model"], "prompt").inc(int(fields["prompt_tokens"]))
+        metrics.TOKENS.labels(fields["model"], "completion").inc(int(fields["completion_tokens"]))
 
 
 class Ledger:
@@ -86,6 +93,7 @@ class Ledger:
             if not entries:
                 return 0
             self._write(entries)
+            _count_tokens(entries)
             for hook in self.hooks:
                 hook(entries)
             ids = [entry_id for entry_id, _ in entries]

@@ -27,7 +27,7 @@ from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from api import errors
+from api import errors, metrics
 from config import Settings
 from queueing import keys
 
@@ -70,6 +70,7 @@ class KeyRateLimiter:
             "x-ratelimit-reset-requests": _reset(reset),
         })
         if not allowed:
+            metrics.REJECTIONS.labels("rate_limit").inc()
             decision.error = errors.error(
                 429, f"Rate limit reached for requests: {rpm} per minute. Try again in {_reset(reset)}.",
                 "requests", "rate_limit_exceeded", retry_after=max(1, math.ceil(reset)))
@@ -89,6 +90,7 @@ class KeyRateLimiter:
             "x-ratelimit-reset-tokens": _reset(reset),
         })
         if not allowed:
+            metrics.REJECTIONS.labels("token_limit").inc()
             decision.error = errors.error(
                 429, f"Rate limit reached for tokens: {tpm} per minute; this request may use up to "
                 f"{tokens}. Try again in {_reset(reset)}.", "tokens", "rate_limit_exceeded",
@@ -98,6 +100,7 @@ class KeyRateLimiter:
 
 def _ip_breach(limit: RequestLimit) -> Response:
     retry = max(1, math.ceil(limit.reset_at - time.time()))
+    metrics.REJECTIONS.labels("ip_limit").inc()
     return errors.to_response(errors.error(
         429, f"Too many requests from your address ({limit.limit}). Try again in {retry}s.",
         "requests", "rate_limit_exceeded", retry_after=retry))

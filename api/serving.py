@@ -13,7 +13,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from api import errors, sse
+from api import errors, metrics, sse
 from api.auth import Principal
 from api.gateway import Gateway, JobStream
 from api.protocol import (
@@ -130,6 +130,7 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
            principal: Principal, format_cls: type[ChatFormat] | type[CompletionFormat]) -> Served:
     if not principal.may_use(request.model):
         return model_not_found(request.model)
+    timer = _Timer("chat" if format_cls is ChatFormat else "completions", request.stream)
     submitted = gateway.submit(params, principal)
     if isinstance(submitted, ErrorResponse):
         return submitted
@@ -141,17 +142,34 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
     if isinstance(first, (events.Error, events.Cancelled)):
         submitted.close()
         return errors.from_event(first) if isinstance(first, events.Error) else CANCELLED
+    timer.first_token()
     if request.stream:
-        return _sse(fmt, first, stream, submitted, request.include_usage)
-    return _buffered(fmt, first, stream)
+        return _sse(fmt, first, stream, submitted, request.include_usage, timer)
+    return _buffered(fmt, first, stream, timer)
 
 
-def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent]) -> Served:
+class _Timer:
+    """Observes a request's time to first token and, when it succeeds, its latency."""
+
+    def __init__(self, endpoint: str, stream: bool):
+        self.endpoint, self.stream = endpoint, "true" if stream else "false"
+        self.start = time.monotonic()
+
+    def first_token(self) -> None:
+        metrics.TTFT.labels(self.endpoint).observe(time.monotonic() - self.start)
+
+    def done(self) -> None:
+        metrics.REQUEST_DURATION.labels(self.endpoint, self.stream).observe(time.monotonic() - self.start)
+
+
+def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent],
+              timer: _Timer) -> Served:
     parts: list[str] = []
     for event in _chain(first, stream):
         if isinstance(event, events.Delta):
             parts.append(event.text)
         elif isinstance(event, events.Done):
+            timer.done()
             return fmt.response("".join(parts), event.finish_reason, event.usage)
         elif isinstance(event, events.Error):
             return errors.from_event(event)
@@ -161,7 +179,7 @@ def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events
 
 
 def _sse(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent],
-         job: JobStream, include_usage: bool) -> Iterator[str]:
+         job: JobStream, include_usage: bool, timer: _Timer) -> Iterator[str]:
     exclude = None if include_usage else {"usage"}
     try:
         for chunk in fmt.opening():
@@ -174,6 +192,7 @@ def _sse(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.Toke
                 if include_usage:
                     yield sse.data(fmt.usage(event.usage))
                 yield sse.DONE
+                timer.done()
             elif isinstance(event, events.Error):
                 yield sse.data(errors.from_event(event))
             else:

@@ -6,6 +6,7 @@ The API never imports worker code: it sends tasks by name
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
@@ -39,12 +40,18 @@ app = make_celery(get_settings())
 
 
 def enqueue_generation(
-    celery: Celery, job_id: str, params: dict[str, Any], served_model: str, *, batch: bool = False
+    celery: Celery, job_id: str, params: dict[str, Any], served_model: str, *, batch: bool = False,
+    request_id: str | None = None,
 ) -> None:
-    """Send one generation job to the interactive (or batch) queue of ``served_model``."""
+    """Send one generation job to the interactive (or batch) queue of ``served_model``.
+
+    The keyword arguments carry ``request_id`` (for the worker's log lines) and
+    ``enqueued_at`` (for its queue-wait metric).
+    """
     celery.send_task(
         GENERATE_BATCH_TASK if batch else GENERATE_TASK,
         args=[job_id, params],
+        kwargs={"request_id": request_id, "enqueued_at": time.time()},
         queue=keys.batch_queue(served_model) if batch else keys.model_queue(served_model),
         task_id=job_id,
     )

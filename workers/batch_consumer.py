@@ -24,7 +24,8 @@ from kombu.message import Message
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, dict[str, Any]], None]
+#: Called with a message's job id, generation parameters and task keyword arguments.
+Handler = Callable[[str, dict[str, Any], dict[str, Any]], None]
 
 
 class BatchConsumer:
@@ -76,17 +77,18 @@ class BatchConsumer:
 
     def _on_message(self, message: Message) -> None:
         try:
-            args = message.decode()[0]  # Celery protocol 2 body: [args, kwargs, embed]
-            job_id, params = args[0], args[1]
+            args, kwargs = message.decode()[:2]  # Celery protocol 2 body: [args, kwargs, embed]
+            job_id, params, context = args[0], args[1], dict(kwargs or {})
         except (ValueError, TypeError, IndexError, KeyError):
             log.error("dropping a malformed batch message")
             message.ack()
             return
-        self._pool.submit(self._execute, message, job_id, params)
+        self._pool.submit(self._execute, message, job_id, params, context)
 
-    def _execute(self, message: Message, job_id: str, params: dict[str, Any]) -> None:
+    def _execute(self, message: Message, job_id: str, params: dict[str, Any],
+                 context: dict[str, Any]) -> None:
         try:
-            self.handle(job_id, params)
+            self.handle(job_id, params, context)
         except Exception:  # noqa: BLE001 - the runner already reported the job's failure
             log.exception("batch job %s failed", job_id)
         finally:

@@ -17,10 +17,10 @@ from celery.signals import worker_shutting_down
 from config import get_settings
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    from config import logs
+
+    logs.configure(level, log_format, replace=True)
 
 
 @click.command("worker")
@@ -51,7 +51,7 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
     if settings.gpu_ids:
         # Must happen before vLLM (and torch) are imported below.
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpu_ids
-    _configure_logging(loglevel)
+    _configure_logging(loglevel, settings.log_format)
 
     from prometheus_client import start_http_server
 

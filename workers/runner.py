@@ -9,8 +9,10 @@ from typing import Any
 
 import redis
 
+from config import logs
 from queueing import channel, events, jobs, metering
 from queueing.jobs import GenerationParams, JobStatus, TransitionRefused
+from workers import metrics
 from workers.engine import AdmitCallback, Engine
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,17 @@ class JobRunner:
             self._cancel_pending.add(job_id)
         return True
 
-    def run(self, job_id: str, params: GenerationParams, priority: int = INTERACTIVE) -> None:
-        """Generate for ``job_id``, publishing deltas and exactly one terminal event."""
+    def run(self, job_id: str, params: GenerationParams, priority: int = INTERACTIVE,
+            request_id: str | None = None, enqueued_at: float | None = None) -> None:
+        """Generate for ``job_id``, publishing deltas and exactly one terminal event.
+
+        ``request_id`` (the API request that made the job) tags this job's log lines;
+        ``enqueued_at`` (epoch seconds) measures its queue wait.
+        """
+        logs.request_id.set(request_id or "-")
+        logs.job_id.set(job_id)
+        kind = metrics.PRIORITY_NAMES[priority]
+        started = time.time()
         try:
             jobs.transition(
                 self.redis, job_id, JobStatus.RUNNING, self.job_ttl,
@@ -74,9 +85,14 @@ class JobRunner:
         except TransitionRefused as refused:
             # Cancelled while queued, expired, or a redelivery of a finished job.
             log.info("job %s not started: %s", job_id, refused)
+            metrics.JOBS.labels(kind, "refused").inc()
             if refused.current is JobStatus.CANCELLED:
                 channel.publish(self.redis, job_id, events.Cancelled())
             return
+        if enqueued_at is not None:
+            metrics.QUEUE_WAIT.labels(kind).observe(max(started - enqueued_at, 0.0))
+        active = metrics.ACTIVE_JOBS.labels(kind)
+        active.inc()
         parts: list[str] = []
         terminal: events.TerminalEvent = ENGINE_FAILURE
         with self._lock:
@@ -88,7 +104,8 @@ class JobRunner:
                     with self._lock:
                         self._cancel_pending.discard(job_id)
                 if isinstance(event, events.Delta):
-                    channel.publish(self.redis, job_id, event)
+                    with metrics.PUBLISH_SECONDS.time():
+                        channel.publish(self.redis, job_id, event)
                     parts.append(event.text)
                 else:
                     terminal = event
@@ -97,14 +114,20 @@ class JobRunner:
         except Exception:
             log.exception("job %s: engine failed", job_id)
         finally:
+            active.dec()
             with self._lock:
                 self._active.discard(job_id)
                 self._cancel_pending.discard(job_id)
         self.finish(job_id, terminal, "".join(parts))
+        outcome = _STATUS_OF[type(terminal)].value
+        metrics.JOBS.labels(kind, outcome).inc()
+        log.info("job %s %s: %d prompt + %d completion tokens, %.3fs", job_id, outcome,
+                 terminal.usage.prompt_tokens, terminal.usage.completion_tokens, time.time() - started)
 
-    def run_batch(self, job_id: str, params: dict[str, Any]) -> None:
-        """Run a batch message's job at batch priority."""
-        self.run(job_id, GenerationParams.from_dict(params), BATCH)
+    def run_batch(self, job_id: str, params: dict[str, Any], context: dict[str, Any]) -> None:
+        """Run a batch message's job at batch priority (``context``: the task's keyword arguments)."""
+        self.run(job_id, GenerationParams.from_dict(params), BATCH,
+                 request_id=context.get("request_id"), enqueued_at=context.get("enqueued_at"))
 
     def _admission(self, job_id: str) -> AdmitCallback:
         def admit(prompt_tokens: int, max_new_tokens: int) -> events.Error | None:

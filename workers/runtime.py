@@ -14,6 +14,7 @@ from config import Settings
 from queueing import keys, liveness
 from queueing.celery_app import app as celery_app
 from queueing.connections import get_redis
+from workers import metrics
 from workers.batch_consumer import BatchConsumer
 from workers.engine import Engine
 from workers.runner import JobRunner
@@ -57,6 +58,8 @@ class WorkerRuntime:
         """Start heartbeats and the cancel listener; make this the current runtime."""
         global _current
         _current = self
+        metrics.SLOTS.set(self.settings.max_num_seqs)
+        metrics.BATCH_SLOTS.set(batch_slot_count(self.settings))
         for target in (self._heartbeat_loop, self._cancel_loop):
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
             thread.start()

@@ -1,0 +1,28 @@
+"""The worker's own Prometheus metrics, served with vLLM's on ``WORKER_METRICS_PORT``.
+
+vLLM registers its ``vllm:*`` engine metrics in the same default registry, so
+one scrape of a worker shows both the queue side and the engine side.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PRIORITY_NAMES = {0: "interactive", 1: "batch"}
+
+ACTIVE_JOBS = Gauge("inferq_worker_active_jobs", "Jobs this worker is generating right now.", ["priority"])
+SLOTS = Gauge("inferq_worker_slots", "Sequences this worker's engine runs at once (MAX_NUM_SEQS).")
+BATCH_SLOTS = Gauge("inferq_worker_batch_slots", "Of those, how many batch work may hold (BATCH_SHARE).")
+JOBS = Counter("inferq_worker_jobs", "Jobs this worker took, by how they ended "
+               "(refused: cancelled or finished before it started).", ["priority", "outcome"])
+PUBLISH_SECONDS = Histogram(
+    "inferq_worker_publish_seconds", "Time of one token-event publish to Redis.",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
+QUEUE_WAIT = Histogram(
+    "inferq_queue_wait_seconds", "Time a job waited in its queue, from enqueue to the start of its run.",
+    ["priority"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800))
+
+for _priority in PRIORITY_NAMES.values():  # export zeros before the first job
+    ACTIVE_JOBS.labels(_priority)
+    for _outcome in ("succeeded", "failed", "cancelled", "refused"):
+        JOBS.labels(_priority, _outcome)
