@@ -62,11 +62,16 @@ def ensure_model() -> None:
 @click.option("--procfile", type=click.Path(exists=True, path_type=Path), default=Path("Procfile"),
               show_default=True)
 def run(procfile: Path) -> None:
-    """Run worker, API and Flower together (and Redis if none is reachable)."""
+    """Run worker, API, Flower and the GPU exporter together (and Redis if none is reachable).
+
+    Logs are plain text here unless LOG_FORMAT says otherwise (deployments log JSON).
+    """
     key = ensure_dev_key(Path(".env"))
     s = get_settings()
     ensure_model()
-    processes = ["worker", "api", "flower"]
+    processes = ["worker", "api", "flower", "gpu-monitor"]
+    if "log_format" not in s.model_fields_set:
+        os.environ["LOG_FORMAT"] = "text"  # honcho prefixes each line with its process: keep it readable
     if not redis_reachable(s.redis_url):
         url = urlparse(s.redis_url)
         if url.hostname not in ("127.0.0.1", "localhost") or not shutil.which("redis-server"):
@@ -78,7 +83,9 @@ def run(procfile: Path) -> None:
     console.rule("[bold]inferq")
     console.print(
         f"API      {base}/v1   (health {base}/health, ready {base}/ready)\n"
-        f"Flower   http://localhost:{s.flower_port}\n"
+        f"Flower   http://localhost:{s.flower_port}   (its /metrics too)\n"
+        f"Metrics  {base}/metrics   worker :{s.worker_metrics_port}/metrics   "
+        f"GPUs :{s.gpu_monitor_port}/metrics\n"
         f"API key  {key}\n\n"
         f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n"
         f"  -H 'Content-Type: application/json' \\\n"
