@@ -200,26 +200,29 @@ end
 return {1, used, reserved}
 """
 
-# KEYS[1] job hash, KEYS[2] channel or '', KEYS[3] usage stream. ARGV: target, ttl,
-# message, settle ('1' for terminal targets), n_sources, sources..., field/value pairs.
+# KEYS[1] job hash, KEYS[2] channel or '', KEYS[3] usage stream, KEYS[4] running index.
+# ARGV: target, ttl, message, settle ('1' for terminal targets), job id, running-index
+# entry ('' = none), n_sources, sources..., field/value pairs.
 # Settling moves the job's reserved tokens to 'used' in its quota counter (if that
 # still exists) and appends the job's usage to the ledger stream: exactly once,
 # because only one terminal transition can ever apply.
 _TRANSITION_LUA = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, false} end
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[7])
 local ok = false
-for i = 6, 5 + n do
+for i = 8, 7 + n do
   if ARGV[i] == current then ok = true end
 end
 if not ok then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 6 + n, #ARGV, 2 do
+for i = 8 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[4], ARGV[5], ARGV[6]) end
 if ARGV[4] == '1' then
+  redis.call('HDEL', KEYS[4], ARGV[5])
   local f = redis.call('HMGET', KEYS[1], 'key_id', 'quota_key', 'reserved_tokens', 'quota_day',
                       'prompt_tokens', 'completion_tokens', 'params', 'id', 'batch_id')
   if f[1] then
@@ -280,12 +283,15 @@ def transition(
     *,
     publish: str | None = None,
     only_from: JobStatus | None = None,
+    model: str | None = None,
     **fields: Any,
 ) -> JobStatus:
     """Move a job to ``target`` and set ``fields``, atomically.
 
     If ``publish`` is given it is published on the job's event channel in the
     same atomic step. ``only_from`` narrows the allowed sources to one status.
+    A move to RUNNING names the served ``model`` and sets ``worker``: the job is
+    listed in the running index until it ends (see ``queueing.recovery``).
     Returns the previous status; raises :class:`TransitionRefused` when the
     move is not allowed.
     """
@@ -298,10 +304,16 @@ def transition(
             pairs += [name, str(value)]
     channel = keys.job_events(job_id) if publish is not None else ""
     settle = "1" if target.is_terminal else "0"
+    running_entry = ""
+    if target is JobStatus.RUNNING:
+        if model is None or "worker" not in fields:
+            raise ValueError("a RUNNING transition names the model and the worker")
+        running_entry = keys.running_entry(model, str(fields["worker"]))
     script = client.register_script(_TRANSITION_LUA)
     applied, current = script(
-        keys=[keys.job(job_id), channel, keys.USAGE_STREAM],
-        args=[target.value, ttl, publish or "", settle, len(sources), *sources, *pairs],
+        keys=[keys.job(job_id), channel, keys.USAGE_STREAM, keys.RUNNING_JOBS],
+        args=[target.value, ttl, publish or "", settle, job_id, running_entry, len(sources), *sources,
+              *pairs],
     )
     if not applied:
         raise TransitionRefused(job_id, current, target)

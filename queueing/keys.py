@@ -13,6 +13,10 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 #: Sorted set of live workers; member ``model\tworker_id``, score = heartbeat expiry.
 LIVE_WORKERS = f"{PREFIX}:workers"
 
+#: Hash of running jobs: job id -> ``model\tworker_id``, kept by the job state machine,
+#: so jobs orphaned by a dead worker can be found (``queueing.recovery``).
+RUNNING_JOBS = f"{PREFIX}:running"
+
 #: Stream of settled usage (one entry per finished job), drained into the SQL ledger.
 USAGE_STREAM = f"{PREFIX}:usage"
 
@@ -51,3 +55,8 @@ def model_queue(served_model: str) -> str:
 def batch_queue(served_model: str) -> str:
     """Celery queue of batch work (jobs, batch lines) for one served model."""
     return f"{PREFIX}.{served_model}.batch"
+
+
+def running_entry(model: str, worker_id: str) -> str:
+    """A :data:`RUNNING_JOBS` value (the same as the worker's :data:`LIVE_WORKERS` member)."""
+    return f"{model}\t{worker_id}"

@@ -6,9 +6,9 @@ import json
 import signal
 import time
 
-from queueing import jobs
+from queueing import jobs, keys
 from queueing.jobs import JobStatus
-from tests.conftest import start_worker
+from tests.conftest import start_worker, wait_for
 from tests.sse_client import frames
 
 
@@ -112,3 +112,78 @@ def test_redis_restart_gives_fast_503s_then_recovers(app_config, auth, tmp_path)
     finally:
         worker.stop()
         server.kill()
+
+
+def _running_on(redis_client, job_ids: list[str]) -> set[str]:
+    records = [jobs.get(redis_client, j) for j in job_ids]
+    return {str(r.worker) for r in records if r and r.status is JobStatus.RUNNING}
+
+
+def _worker(redis_url, tmp_path, name: str, model: str, **extra: str):
+    (tmp_path / name).mkdir(exist_ok=True)
+    return start_worker(redis_url, tmp_path / name, model, 60, ENGINE="scripted", **extra)
+
+
+def test_a_killed_workers_jobs_run_again_on_another_worker(redis_url, app_config, auth, redis_client,
+                                                           tmp_path):
+    from api import create_app
+
+    model = "relay-model"
+    first = _worker(redis_url, tmp_path, "a", model)
+    second = None
+    client = create_app({**app_config, "served_model_name": model}).test_client()
+    try:
+        bodies = [{"model": model, "max_tokens": 30,
+                   "messages": [{"role": "user", "content": f"[[delay=0.1]] {i}"}]} for i in range(4)]
+        ids = [client.post("/v1/jobs", headers=auth, json={"endpoint": "/v1/chat/completions", "body": b}
+                           ).json["id"] for b in bodies]
+        wait_for(lambda: len(_running_on(redis_client, ids)) == 1 and all(
+            jobs.get(redis_client, j).status is JobStatus.RUNNING for j in ids), 20, "all jobs running")
+        second = _worker(redis_url, tmp_path, "b", model)
+        first.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        done = [client.get(f"/v1/jobs/{j}?wait=30", headers=auth).json for j in ids]
+        took = time.monotonic() - killed
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert [d["status"] for d in done] == ["succeeded"] * 4
+    assert all(d["usage"]["completion_tokens"] == 30 for d in done)
+    texts = [d["response"]["choices"][0]["message"]["content"] for d in done]
+    assert texts == [" ".join(f"tok{i}" for i in range(30))] * 4  # a clean rerun, not a spliced one
+    assert took < 15  # heartbeat TTL (3 s) + a reap + 3 s of generation, not the visibility timeout
+    assert not set(ids) & set(redis_client.hkeys(keys.RUNNING_JOBS))
+    assert second.log_path.read_text().count("running it again") == 4
+
+
+def test_a_batch_survives_a_killed_worker_with_every_line_once(redis_url, app_config, auth, tmp_path):
+    from api import create_app
+    from tests.test_batches import upload
+    from tests.test_batches import wait_for as wait_for_batch
+
+    model = "relay-batch-model"
+    first = _worker(redis_url, tmp_path, "a", model, MAX_NUM_SEQS="8")
+    second = None
+    client = create_app({**app_config, "served_model_name": model}).test_client()
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": model, "max_tokens": 10,
+                       "messages": [{"role": "user", "content": f"[[delay=0.1]] {i}"}]}} for i in range(12)]
+    try:
+        file_id = upload(client, auth, lines)
+        batch = client.post("/v1/batches", headers=auth, json={
+            "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json
+        time.sleep(1.5)  # the first lines are running on the first worker
+        second = _worker(redis_url, tmp_path, "b", model, MAX_NUM_SEQS="8")
+        first.proc.send_signal(signal.SIGKILL)
+        done = wait_for_batch(client, auth, batch["id"], ("completed", "failed"), timeout=60)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert done["status"] == "completed", done
+    assert done["request_counts"] == {"total": 12, "completed": 12, "failed": 0}
+    output = client.get(f"/v1/files/{done['output_file_id']}/content", headers=auth).get_data(as_text=True)
+    custom_ids = [json.loads(line)["custom_id"] for line in output.splitlines()]
+    assert sorted(custom_ids) == sorted(f"line-{i}" for i in range(12))  # each exactly once
+    assert "running it again" in second.log_path.read_text()  # the kill did orphan running lines

@@ -95,7 +95,8 @@ def test_get_missing_is_none(redis_client: redis.Redis) -> None:
 
 def test_queued_to_running_sets_fields(redis_client: redis.Redis) -> None:
     job_id = make_job(redis_client)
-    prev = jobs.transition(redis_client, job_id, JobStatus.RUNNING, TTL, worker="w1", started_at=12.5)
+    prev = jobs.transition(redis_client, job_id, JobStatus.RUNNING, TTL, model="m", worker="w1",
+                           started_at=12.5)
     assert prev is JobStatus.QUEUED
     record = jobs.get(redis_client, job_id)
     assert record is not None
@@ -115,7 +116,7 @@ def test_terminal_states_refuse_everything(redis_client: redis.Redis, terminal: 
     job_id = make_job(redis_client, terminal)
     for target in JobStatus:
         with pytest.raises(TransitionRefused) as exc:
-            jobs.transition(redis_client, job_id, target, TTL)
+            jobs.transition(redis_client, job_id, target, TTL, model="m", worker="w1")
         assert exc.value.current is terminal
     assert jobs.get(redis_client, job_id).status is terminal  # type: ignore[union-attr]
 
@@ -123,7 +124,7 @@ def test_terminal_states_refuse_everything(redis_client: redis.Redis, terminal: 
 def test_missing_job_refused(redis_client: redis.Redis) -> None:
     job_id = jobs.new_job_id()
     with pytest.raises(TransitionRefused) as exc:
-        jobs.transition(redis_client, job_id, JobStatus.RUNNING, TTL)
+        jobs.transition(redis_client, job_id, JobStatus.RUNNING, TTL, model="m", worker="w1")
     assert exc.value.current is None
     assert not redis_client.exists(keys.job(job_id))
 

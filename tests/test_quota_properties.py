@@ -64,7 +64,7 @@ def _run_to_end(client, record: JobRecord, plan: tuple) -> None:
     if end == "cancel-queued":
         assert jobs.request_cancel(client, record.id, TTL) is JobStatus.QUEUED
         return
-    jobs.transition(client, record.id, JobStatus.RUNNING, TTL)
+    jobs.transition(client, record.id, JobStatus.RUNNING, TTL, model="m", worker="w")
     if not metering.adjust_reservation(client, record.id, exact):
         jobs.transition(client, record.id, JobStatus.FAILED, TTL, prompt_tokens=0, completion_tokens=0)
         return

@@ -79,7 +79,7 @@ class JobRunner:
         started = time.time()
         try:
             jobs.transition(
-                self.redis, job_id, JobStatus.RUNNING, self.job_ttl,
+                self.redis, job_id, JobStatus.RUNNING, self.job_ttl, model=params.model,
                 started_at=time.time(), worker=self.worker_id,
             )
         except TransitionRefused as refused:

@@ -11,7 +11,7 @@ import uuid
 import redis
 
 from config import Settings
-from queueing import keys, liveness
+from queueing import keys, liveness, recovery
 from queueing.celery_app import app as celery_app
 from queueing.connections import get_redis
 from workers import metrics
@@ -82,8 +82,11 @@ class WorkerRuntime:
         while not self._stopping.is_set():
             try:
                 liveness.beat(self.redis, s.served_model_name, self.worker_id, s.worker_heartbeat_ttl)
+                recovery.reap(self.redis, celery_app, s.job_ttl)  # jobs of workers that died
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # noqa: BLE001 - never let the heartbeat thread die
+                log.exception("reaping orphaned jobs failed")
             self._stopping.wait(s.worker_heartbeat_interval)
 
     def _cancel_loop(self) -> None:
