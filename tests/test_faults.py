@@ -1,10 +1,13 @@
-"""Faults with real processes: a worker killed mid-stream (scripted engine, real Redis)."""
+"""Faults with real processes (scripted engine as a test double, real Redis): workers killed or
+stopped mid-stream, jobs and batch lines run again elsewhere, Redis restarted, an API drained."""
 
 from __future__ import annotations
 
 import json
 import signal
 import time
+
+import pytest
 
 from queueing import jobs, keys
 from queueing.jobs import JobStatus
@@ -187,3 +190,31 @@ def test_a_batch_survives_a_killed_worker_with_every_line_once(redis_url, app_co
     custom_ids = [json.loads(line)["custom_id"] for line in output.splitlines()]
     assert sorted(custom_ids) == sorted(f"line-{i}" for i in range(12))  # each exactly once
     assert "running it again" in second.log_path.read_text()  # the kill did orphan running lines
+
+
+def test_sigterm_to_the_api_drains_its_open_streams(redis_url, scripted_worker, tmp_path):
+    import httpx
+
+    from tests.conftest import SCRIPTED_MODEL, TEST_KEY, start_api
+    from tests.sse_client import content
+
+    api, base = start_api(redis_url, tmp_path, SERVED_MODEL_NAME=SCRIPTED_MODEL, API_GRACEFUL_TIMEOUT="20")
+    body = {"model": SCRIPTED_MODEL, "max_tokens": 30, "stream": True,
+            "messages": [{"role": "user", "content": "[[delay=0.1]] go"}]}
+    try:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {TEST_KEY}"}) as resp:
+            chunks = resp.iter_text()
+            received = next(chunks)
+            api.proc.send_signal(signal.SIGTERM)  # gunicorn: stop accepting, finish open requests
+            signalled = time.monotonic()
+            time.sleep(1.5)  # the gevent worker checks its alive flag each second
+            with pytest.raises(httpx.ConnectError):  # draining: no new connections
+                httpx.get(f"{base}/health", timeout=2)
+            received += "".join(chunks)
+        assert frames(received)[-1] == "[DONE]"
+        assert content(received) == " ".join(f"tok{i}" for i in range(30))
+        assert api.proc.wait(20) == 0
+        assert time.monotonic() - signalled < 15
+    finally:
+        api.stop()
