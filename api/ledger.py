@@ -97,7 +97,10 @@ class Ledger:
             for hook in self.hooks:
                 hook(entries)
             ids = [entry_id for entry_id, _ in entries]
-            self.redis.xack(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP, *ids)
+            pipe = self.redis.pipeline()
+            pipe.xack(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP, *ids)
+            pipe.xdel(keys.USAGE_STREAM, *ids)  # in SQL now; the ledger group is the stream's only reader
+            pipe.execute()
             return len(entries)
 
     def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:

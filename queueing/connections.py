@@ -6,6 +6,10 @@ import functools
 
 import redis
 
+#: Each open stream holds one pub/sub connection for its lifetime, so an API process
+#: needs as many connections as it has streams open (redis-py's default cap is 100).
+MAX_CONNECTIONS = 10_000
+
 
 @functools.lru_cache(maxsize=8)
 def get_redis(url: str) -> redis.Redis:
@@ -13,6 +17,7 @@ def get_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         decode_responses=True,
+        max_connections=MAX_CONNECTIONS,
         health_check_interval=30,
         socket_connect_timeout=2,
         retry_on_timeout=True,
