@@ -60,6 +60,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                                         KeyRateLimiter(settings.redis_url), files_store, batches_runner)
     if settings.ledger_drain:
         ledger.start_background()
+        batches_runner.start_resumer(app.extensions["inferq"].keys.principal_for)
     if settings.placeholder_keys:
         log.warning("API_KEYS holds %d placeholder or short key(s): replace them before exposing "
                     "this server", len(settings.placeholder_keys))

@@ -92,6 +92,16 @@ class KeyStore:
             self._touch(session, row)
             return Principal.from_row(row)
 
+    def principal_for(self, key_id: str) -> Principal | None:
+        """The principal of a key by its public id (for work that outlives its request),
+        or ``None`` if the key is gone, revoked or expired."""
+        for known, prefix in self._bootstrap:
+            if key_id == f"bootstrap-{known[:8]}":
+                return Principal(key_id=key_id, name="bootstrap", prefix=prefix)
+        with self.db.sessions() as session:
+            row = session.scalars(select(ApiKey).where(ApiKey.public_id == key_id)).first()
+            return Principal.from_row(row) if row is not None and _usable(row) else None
+
     def _touch(self, session: Session, row: ApiKey) -> None:
         """Record ``last_used_at``, at most once a minute per key and process."""
         now = time.monotonic()

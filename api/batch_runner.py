@@ -1,7 +1,10 @@
 """Runs batches: dispatches input lines as batch-queue jobs, collects finished lines,
 and finalizes the output and error files.
 
-Dispatch runs on a background thread of the API process that created the batch.
+Dispatch runs on a background thread of the API process that created the batch,
+which holds a short Redis lease on it while it works. If that process dies, another
+API process finds the batch undispatched with no lease and resumes it: lines with a
+result are skipped, and job creation is idempotent per line, so no line runs twice.
 Collection rides on the usage stream: every finished job's terminal transition
 appends an entry naming its batch, and whichever API process drains that entry
 records the line (once per custom_id) and finalizes the batch after its last line.
@@ -12,23 +15,32 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
+import socket
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from api import errors
+from api.auth import Principal
 from api.batch_store import Batch, BatchStore, LineResult, now
 from api.files import FileStore
 from api.gateway import Gateway, Payer
 from api.job_serving import REQUEST_MODELS, job_object
 from api.protocol import ErrorResponse
-from queueing import jobs
+from queueing import jobs, keys
 from queueing.jobs import JobRecord, JobStatus
 
 log = logging.getLogger(__name__)
 
 CANCEL_CHECK_EVERY = 50  # lines dispatched between two looks at the batch's status
+LEASE_SECONDS = 30  # a dispatcher that stops renewing its lease this long is presumed dead
+RENEW_EVERY = 5.0
+RESUME_EVERY = 10.0
 
 
 def line_job_id(batch_id: str, seq: int) -> str:
@@ -51,11 +63,14 @@ class BatchRunner:
         self.store = store
         self.files = files
         self.gateway = gateway
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
 
     # --- dispatch -----------------------------------------------------------
 
     def start(self, batch: Batch, payer: Payer, may_use: Any) -> None:
         """Dispatch ``batch`` in the background (its lines log the creating request's id)."""
+        if not self._take_lease(batch.id):
+            return  # another process dispatches it
         context = contextvars.copy_context()
         threading.Thread(target=context.run, args=(self._dispatch_safely, batch.id, payer, may_use),
                          name=f"dispatch-{batch.id}", daemon=True).start()
@@ -63,11 +78,11 @@ class BatchRunner:
     def _dispatch_safely(self, batch_id: str, payer: Payer, may_use: Any) -> None:
         try:
             self.dispatch(batch_id, payer, may_use)
+        except redis.RedisError:  # the lease lapses and a live API process resumes the batch
+            log.exception("batch %s: dispatch interrupted (Redis unavailable)", batch_id)
         except Exception:  # noqa: BLE001 - the batch fails rather than hangs
             log.exception("batch %s: dispatch failed", batch_id)
-            error = {"code": "dispatch_failed", "message": "The batch could not be dispatched."}
-            self.store.update(batch_id, status="failed", failed_at=now(), dispatch_done=True,
-                              errors_json=json.dumps({"object": "list", "data": [error]}))
+            self._fail(batch_id, "dispatch_failed", "The batch could not be dispatched.")
 
     def dispatch(self, batch_id: str, payer: Payer, may_use: Any) -> None:
         """Queue every line of the input file as a batch job, unless the batch is cancelled."""
@@ -77,17 +92,25 @@ class BatchRunner:
             raise RuntimeError("batch or its input file vanished")
         self.store.update(batch_id, only_if_status=("validating",), status="in_progress",
                           in_progress_at=now())
+        finished = self.store.recorded(batch_id)  # none, unless resuming a dead dispatcher's batch
         seq = 0
+        renewed = time.monotonic()
         for line_no, line in self.files.iter_lines(info):
             if seq % CANCEL_CHECK_EVERY == 0 and self._cancelling(batch_id):
                 break
+            if time.monotonic() - renewed > RENEW_EVERY:
+                self._renew_lease(batch_id)
+                renewed = time.monotonic()
             seq += 1
+            if str(line.get("custom_id")) in finished:
+                continue
             failure = self._submit(batch, payer, may_use, seq, line_no, line)
             if failure is not None:
                 self.store.record(failure)
             if seq % 100 == 0:
                 self.store.update(batch_id, dispatched=seq)
         self.store.update(batch_id, dispatched=seq, dispatch_done=True)
+        self.gateway.redis.delete(keys.batch_dispatcher(batch_id))
         if self._cancelling(batch_id):
             self.cancel_outstanding(batch_id)
         self.maybe_finalize(batch_id)
@@ -116,6 +139,52 @@ class BatchRunner:
     def _failed(batch_id: str, custom_id: str, line_no: int, job_id: str, err: ErrorResponse) -> LineResult:
         line = output_line(custom_id, job_id, err.status_code, err.model_dump())
         return LineResult(batch_id, custom_id, line_no, ok=False, line=line)
+
+    # --- leases and resumption -------------------------------------------------
+
+    def _take_lease(self, batch_id: str) -> bool:
+        return bool(self.gateway.redis.set(keys.batch_dispatcher(batch_id), self.owner, nx=True,
+                                           ex=LEASE_SECONDS))
+
+    def _renew_lease(self, batch_id: str) -> None:
+        self.gateway.redis.set(keys.batch_dispatcher(batch_id), self.owner, ex=LEASE_SECONDS)
+
+    def resume_orphaned(self, principal_for: Callable[[str], Principal | None]) -> int:
+        """Take over batches whose dispatcher died (no lease, lines left); returns how many."""
+        resumed = 0
+        for batch in self.store.undispatched():
+            if not self._take_lease(batch.id):
+                continue
+            payer = principal_for(batch.key_id)
+            if payer is None:
+                log.warning("batch %s: its key is gone; failing it", batch.id)
+                self._fail(batch.id, "key_revoked",
+                           "The batch's API key was revoked before all its lines were dispatched.")
+                continue
+            log.warning("batch %s: its dispatcher stopped; resuming the dispatch", batch.id)
+            threading.Thread(target=self._dispatch_safely, args=(batch.id, payer, payer.may_use),
+                             name=f"dispatch-{batch.id}", daemon=True).start()
+            resumed += 1
+        return resumed
+
+    def start_resumer(self, principal_for: Callable[[str], Principal | None]) -> threading.Event:
+        """Check for orphaned batches every few seconds on a daemon thread; set the event to stop."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(RESUME_EVERY):
+                try:
+                    self.resume_orphaned(principal_for)
+                except Exception:  # noqa: BLE001 - keep checking after Redis/SQL hiccups
+                    log.exception("resuming orphaned batches failed")
+
+        threading.Thread(target=loop, name="batch-resumer", daemon=True).start()
+        return stop
+
+    def _fail(self, batch_id: str, code: str, message: str) -> None:
+        error = {"code": code, "message": message}
+        self.store.update(batch_id, status="failed", failed_at=now(), dispatch_done=True,
+                          errors_json=json.dumps({"object": "list", "data": [error]}))
 
     def _cancelling(self, batch_id: str) -> bool:
         batch = self.store.get(batch_id)

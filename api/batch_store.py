@@ -82,6 +82,17 @@ class BatchStore:
                     completion_tokens=Batch.completion_tokens + result.completion_tokens, **counts))
         return bool(inserted)
 
+    def recorded(self, batch_id: str) -> set[str]:
+        """The custom_ids of the batch's finished lines."""
+        with self.db.sessions() as session:
+            return set(session.scalars(select(BatchResult.custom_id).where(BatchResult.batch_id == batch_id)))
+
+    def undispatched(self) -> list[Batch]:
+        """Batches whose lines are not all dispatched yet (running, or orphaned by a dead API)."""
+        with self.db.sessions() as session:
+            return list(session.scalars(select(Batch).where(
+                Batch.status.in_(("validating", "in_progress")), Batch.dispatch_done.is_(False))))
+
     def lines(self, batch_id: str, ok: bool) -> list[str]:
         """The batch's output (``ok``) or error lines, in input order."""
         with self.db.sessions() as session:

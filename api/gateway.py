@@ -186,10 +186,21 @@ class Gateway:
         return self.enqueue_batch(record, index=keys.jobs_of(payer.key_id))
 
     def enqueue_batch(self, record: JobRecord, index: str | None = None) -> JobRecord | ErrorResponse:
-        """Reserve and enqueue a prepared record on the batch queue (waits for a worker if none is live)."""
+        """Reserve and enqueue a prepared record on the batch queue.
+
+        Idempotent per job id: a record that exists already (a batch resumed after its
+        dispatcher died) reserves nothing again; it is enqueued again only while still
+        queued (its first message may never have been sent; a duplicate runs once).
+        """
         params = record.params
         try:
-            quota_error = self._create(record, index=index)
+            try:
+                quota_error = self._create(record, index=index)
+            except jobs.JobExists:
+                existing = jobs.get(self.redis, record.id)
+                if existing is None or existing.status is not jobs.JobStatus.QUEUED:
+                    return existing or record
+                quota_error = None
             if quota_error is not None:
                 return quota_error
             try:

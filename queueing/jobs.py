@@ -166,6 +166,10 @@ class QuotaExceeded(Exception):
         super().__init__(f"quota: {used} used + {reserved} reserved of {limit}")
 
 
+class JobExists(Exception):
+    """A job with this id exists already (a batch line dispatched a second time)."""
+
+
 class QuotaUnseeded(Exception):
     """The day's quota counter is missing (new day, or Redis lost it): seed it from SQL."""
 
@@ -174,6 +178,7 @@ class QuotaUnseeded(Exception):
 # tokens to reserve, limit (-1 = none), quota ttl, seed for 'used' ('' = none), created_at,
 # job id, then the job's field/value pairs.
 _CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-2, 0, 0} end
 local used, reserved = 0, 0
 if KEYS[2] ~= '' then
   if redis.call('EXISTS', KEYS[2]) == 0 then
@@ -249,8 +254,9 @@ def create(client: redis.Redis, record: JobRecord, ttl: int, *, quota_ttl: int =
     ``index`` names a sorted set (by creation time) the job is listed in.
     Atomic: either the reservation fits under ``record.quota_limit`` and the
     job exists, or nothing changed. Returns the key's reserved total.
-    Raises :class:`QuotaExceeded`, or :class:`QuotaUnseeded` when the day's
-    counter is missing and ``seed_used`` (the day's usage from SQL) was not given.
+    Raises :class:`QuotaExceeded`, :class:`JobExists` (nothing reserved), or
+    :class:`QuotaUnseeded` when the day's counter is missing and ``seed_used``
+    (the day's usage from SQL) was not given.
     """
     pairs: list[str] = []
     for name, value in record.to_hash().items():
@@ -262,6 +268,8 @@ def create(client: redis.Redis, record: JobRecord, ttl: int, *, quota_ttl: int =
         args=[ttl, record.reserved_tokens, limit, quota_ttl, "" if seed_used is None else seed_used,
               record.created_at, record.id, *pairs],
     )
+    if status == -2:
+        raise JobExists(record.id)
     if status == -1:
         raise QuotaUnseeded(record.quota_key)
     if status == 0:

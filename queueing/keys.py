@@ -60,3 +60,8 @@ def batch_queue(served_model: str) -> str:
 def running_entry(model: str, worker_id: str) -> str:
     """A :data:`RUNNING_JOBS` value (the same as the worker's :data:`LIVE_WORKERS` member)."""
     return f"{model}\t{worker_id}"
+
+
+def batch_dispatcher(batch_id: str) -> str:
+    """Lease held (with a short expiry, renewed) by the API process dispatching a batch's lines."""
+    return f"{PREFIX}:batch:{batch_id}:dispatcher"

@@ -82,8 +82,13 @@ def test_cancelled_batch_keeps_finished_lines(client, headers):
     batch_id = client.post("/v1/batches", headers=headers, json={
         "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
         "completion_window": "24h"}).json["id"]
-    time.sleep(2.5)  # the first 16 lines (the batch share of the worker) take 2 s each
-    wait_for(client, headers, batch_id, ("in_progress",))
+    # The first 16 lines (the batch share of the worker) take 2 s each: cancel once some finished.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        client.get("/v1/usage", headers=headers)  # drains finished lines
+        if client.get(f"/v1/batches/{batch_id}", headers=headers).json["request_counts"]["completed"]:
+            break
+        time.sleep(0.1)
     cancelling = client.post(f"/v1/batches/{batch_id}/cancel", headers=headers).json
     assert cancelling["status"] in ("cancelling", "cancelled")
     batch = wait_for(client, headers, batch_id, ("cancelled",))
@@ -153,3 +158,39 @@ def test_batch_past_its_window_expires(client, headers, app):
     errs = [json.loads(line) for line in
             client.get(f"/v1/files/{batch['error_file_id']}/content", headers=headers).data.splitlines()]
     assert errs and all(e["error"]["code"] == "batch_expired" for e in errs)
+
+
+def test_a_batch_whose_dispatcher_died_is_resumed_with_every_line_once(client, headers, app, redis_client):
+    import itertools
+
+    import redis as redis_lib
+
+    from queueing import keys
+
+    services = app.extensions["inferq"]
+    runner = services.batches
+    real_iter_lines = runner.files.iter_lines
+
+    def dies_after_five(info):  # the API process dies after dispatching five lines
+        yield from itertools.islice(real_iter_lines(info), 5)
+        raise redis_lib.ConnectionError("process gone")
+
+    runner.files.iter_lines = dies_after_five
+    lines = [chat_line(f"r{i}", f"resume {i}") for i in range(12)]
+    batch = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json
+    deadline = time.monotonic() + 10
+    while redis_client.exists(keys.batch_dispatcher(batch["id"])) and time.monotonic() < deadline:
+        redis_client.delete(keys.batch_dispatcher(batch["id"]))  # its lease lapses
+        time.sleep(0.2)
+    assert runner.store.get(batch["id"]).dispatch_done is False
+    runner.files.iter_lines = real_iter_lines
+    assert runner.resume_orphaned(services.keys.principal_for) == 1  # what a live API process does
+    assert runner.resume_orphaned(services.keys.principal_for) == 0  # it holds the lease now
+    done = wait_for(client, headers, batch["id"], ("completed", "failed"))
+    assert done["status"] == "completed", done
+    assert done["request_counts"] == {"total": 12, "completed": 12, "failed": 0}
+    output = client.get(f"/v1/files/{done['output_file_id']}/content", headers=headers).get_data(as_text=True)
+    assert sorted(json.loads(line)["custom_id"] for line in output.splitlines()) == sorted(
+        f"r{i}" for i in range(12))

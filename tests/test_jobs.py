@@ -221,3 +221,15 @@ def test_liveness_expires(redis_client: redis.Redis) -> None:
     assert model not in liveness.live_models(redis_client)  # hidden from readers at once...
     liveness.beat(redis_client, f"other-{model}", "w2", 5)
     assert redis_client.zscore(keys.LIVE_WORKERS, f"{model}\tw1") is None  # ...pruned by the next beat
+
+
+def test_create_refuses_an_existing_id_and_reserves_nothing(redis_client: redis.Redis) -> None:
+    job_id = jobs.new_job_id()
+    quota = keys.quota("k-exists", "2026-01-01")
+    record = JobRecord(id=job_id, params=PARAMS, key_id="k-exists", quota_key=quota, quota_limit=1000,
+                       reserved_tokens=40)
+    jobs.create(redis_client, record, TTL, seed_used=0)
+    with pytest.raises(jobs.JobExists):
+        jobs.create(redis_client, record, TTL, seed_used=0)
+    assert redis_client.hget(quota, "reserved") == "40"
+    redis_client.delete(quota)
