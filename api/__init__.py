@@ -20,7 +20,7 @@ from api.gateway import Gateway
 from api.ledger import Ledger
 from api.ratelimit import KeyRateLimiter, failed_auth_only, ip_limiter
 from api.routes import batches, completions, files, health, jobs, models, usage
-from config import Settings, get_settings, logs
+from config import Settings, get_settings, logs, tracing
 from queueing.celery_app import make_celery
 from queueing.connections import get_redis
 
@@ -44,6 +44,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """
     settings = Settings(**test_config) if test_config else get_settings()
     logs.configure(settings.log_level, settings.log_format)
+    tracing.init_tracing("inferq-api")
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

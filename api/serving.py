@@ -30,6 +30,7 @@ from api.protocol import (
     ErrorResponse,
     UsageInfo,
 )
+from config import tracing
 from queueing import events
 from queueing.jobs import GenerationParams
 
@@ -130,9 +131,11 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
            principal: Principal, format_cls: type[ChatFormat] | type[CompletionFormat]) -> Served:
     if not principal.may_use(request.model):
         return model_not_found(request.model)
-    timer = _Timer("chat" if format_cls is ChatFormat else "completions", request.stream)
-    submitted = gateway.submit(params, principal)
+    timer = _Timer("chat" if format_cls is ChatFormat else "completions", request.stream, request.model)
+    with timer.span.activated():  # the job's task carries this span's trace context
+        submitted = gateway.submit(params, principal)
     if isinstance(submitted, ErrorResponse):
+        timer.span.end(submitted.error.code)
         return submitted
     fmt = format_cls(submitted.job_id, request.model)
     stream = iter(submitted)
@@ -141,6 +144,7 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
     first = next(stream)
     if isinstance(first, (events.Error, events.Cancelled)):
         submitted.close()
+        timer.span.end(first.code if isinstance(first, events.Error) else "cancelled")
         return errors.from_event(first) if isinstance(first, events.Error) else CANCELLED
     timer.first_token()
     if request.stream:
@@ -149,17 +153,22 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
 
 
 class _Timer:
-    """Observes a request's time to first token and, when it succeeds, its latency."""
+    """Observes a request's time to first token and, when it succeeds, its latency; and its trace span."""
 
-    def __init__(self, endpoint: str, stream: bool):
+    def __init__(self, endpoint: str, stream: bool, model: str):
         self.endpoint, self.stream = endpoint, "true" if stream else "false"
         self.start = time.monotonic()
+        self.span = tracing.Span(f"inferq.{endpoint}",
+                                 attributes={"gen_ai.request.model": model, "inferq.stream": stream})
 
     def first_token(self) -> None:
-        metrics.TTFT.labels(self.endpoint).observe(time.monotonic() - self.start)
+        elapsed = time.monotonic() - self.start
+        metrics.TTFT.labels(self.endpoint).observe(elapsed)
+        self.span.set({"inferq.ttft_s": elapsed})
 
     def done(self) -> None:
         metrics.REQUEST_DURATION.labels(self.endpoint, self.stream).observe(time.monotonic() - self.start)
+        self.span.end()
 
 
 def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent],
@@ -172,8 +181,10 @@ def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events
             timer.done()
             return fmt.response("".join(parts), event.finish_reason, event.usage)
         elif isinstance(event, events.Error):
+            timer.span.end(event.code)
             return errors.from_event(event)
         else:
+            timer.span.end("cancelled")
             return CANCELLED
     return errors.internal_error()
 
@@ -199,6 +210,7 @@ def _sse(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.Toke
                 yield sse.data(CANCELLED)
     finally:
         job.close()  # a client that disconnected cancels its job
+        timer.span.end("incomplete")  # no-op when the stream ended well
 
 
 def _chain(first: events.TokenEvent, rest: Iterator[events.TokenEvent]) -> Iterator[events.TokenEvent]:

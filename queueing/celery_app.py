@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from config import Settings, get_settings
+from config import Settings, get_settings, tracing
 from queueing import keys
 
 GENERATE_TASK = "inferq.generate"
@@ -45,13 +45,14 @@ def enqueue_generation(
 ) -> None:
     """Send one generation job to the interactive (or batch) queue of ``served_model``.
 
-    The keyword arguments carry ``request_id`` (for the worker's log lines) and
-    ``enqueued_at`` (for its queue-wait metric).
+    The keyword arguments carry ``request_id`` (for the worker's log lines),
+    ``enqueued_at`` (for its queue-wait metric) and ``trace`` (the W3C trace
+    context of the current span, when tracing is on).
     """
     celery.send_task(
         GENERATE_BATCH_TASK if batch else GENERATE_TASK,
         args=[job_id, params],
-        kwargs={"request_id": request_id, "enqueued_at": time.time()},
+        kwargs={"request_id": request_id, "enqueued_at": time.time(), "trace": tracing.current_carrier()},
         queue=keys.batch_queue(served_model) if batch else keys.model_queue(served_model),
         task_id=job_id,
     )

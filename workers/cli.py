@@ -52,6 +52,9 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
         # Must happen before vLLM (and torch) are imported below.
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpu_ids
     _configure_logging(loglevel, settings.log_format)
+    from config import tracing
+
+    tracing.init_tracing("inferq-worker")
 
     from prometheus_client import start_http_server
 

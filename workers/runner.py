@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from config import logs
+from config import logs, tracing
 from queueing import channel, events, jobs, metering
 from queueing.jobs import GenerationParams, JobStatus, TransitionRefused
 from workers import metrics
@@ -67,16 +67,26 @@ class JobRunner:
         return True
 
     def run(self, job_id: str, params: GenerationParams, priority: int = INTERACTIVE,
-            request_id: str | None = None, enqueued_at: float | None = None) -> None:
+            request_id: str | None = None, enqueued_at: float | None = None,
+            trace: dict[str, str] | None = None) -> None:
         """Generate for ``job_id``, publishing deltas and exactly one terminal event.
 
         ``request_id`` (the API request that made the job) tags this job's log lines;
-        ``enqueued_at`` (epoch seconds) measures its queue wait.
+        ``enqueued_at`` (epoch seconds) measures its queue wait; ``trace`` is the
+        submitting request's trace context (the job's span joins that trace).
         """
         logs.request_id.set(request_id or "-")
         logs.job_id.set(job_id)
         kind = metrics.PRIORITY_NAMES[priority]
         started = time.time()
+        span = tracing.Span("inferq.job", trace, {"inferq.job_id": job_id, "inferq.priority": kind})
+        try:
+            self._run(job_id, params, priority, kind, started, enqueued_at, span)
+        finally:
+            span.end()
+
+    def _run(self, job_id: str, params: GenerationParams, priority: int, kind: str, started: float,
+             enqueued_at: float | None, span: tracing.Span) -> None:
         try:
             jobs.transition(
                 self.redis, job_id, JobStatus.RUNNING, self.job_ttl, model=params.model,
@@ -86,6 +96,7 @@ class JobRunner:
             # Cancelled while queued, expired, or a redelivery of a finished job.
             log.info("job %s not started: %s", job_id, refused)
             metrics.JOBS.labels(kind, "refused").inc()
+            span.set({"inferq.outcome": "refused"})
             if refused.current is JobStatus.CANCELLED:
                 channel.publish(self.redis, job_id, events.Cancelled())
             return
@@ -121,13 +132,15 @@ class JobRunner:
         self.finish(job_id, terminal, "".join(parts))
         outcome = _STATUS_OF[type(terminal)].value
         metrics.JOBS.labels(kind, outcome).inc()
+        span.set({"inferq.outcome": outcome, "gen_ai.usage.input_tokens": terminal.usage.prompt_tokens,
+                  "gen_ai.usage.output_tokens": terminal.usage.completion_tokens})
         log.info("job %s %s: %d prompt + %d completion tokens, %.3fs", job_id, outcome,
                  terminal.usage.prompt_tokens, terminal.usage.completion_tokens, time.time() - started)
 
     def run_batch(self, job_id: str, params: dict[str, Any], context: dict[str, Any]) -> None:
         """Run a batch message's job at batch priority (``context``: the task's keyword arguments)."""
-        self.run(job_id, GenerationParams.from_dict(params), BATCH,
-                 request_id=context.get("request_id"), enqueued_at=context.get("enqueued_at"))
+        self.run(job_id, GenerationParams.from_dict(params), BATCH, request_id=context.get("request_id"),
+                 enqueued_at=context.get("enqueued_at"), trace=context.get("trace"))
 
     def _admission(self, job_id: str) -> AdmitCallback:
         def admit(prompt_tokens: int, max_new_tokens: int) -> events.Error | None:
