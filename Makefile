@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.inferq-installed
 MODEL  := models/SmolLM2-135M-Instruct/.inferq-prepared
 PYTEST_ARGS ?=
 
-.PHONY: help install model run test test-fast lint loadtest redis-server clean
+.PHONY: help install model run test test-fast lint loadtest redis-server test-tools clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,13 +28,27 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "==> installed"
 
-install: $(STAMP) redis-server  ## create .venv and install everything (idempotent)
+install: $(STAMP) redis-server test-tools  ## create .venv and install everything (idempotent)
 
 redis-server:  ## make sure a redis-server binary exists (tests start their own)
 	@command -v redis-server >/dev/null || { \
 	  echo "==> installing redis-server (Debian package)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }; \
 	  else sudo apt-get install -y -q redis-server; fi; }
+
+# Debian packages the monitoring and browser tests use: prometheus (promtool and the server),
+# prometheus-redis-exporter, chromium and its driver. Installed only when a binary is missing.
+TEST_TOOLS := promtool:prometheus prometheus:prometheus prometheus-redis-exporter:prometheus-redis-exporter \
+              chromium:chromium chromedriver:chromium-driver
+
+test-tools:  ## make sure promtool/prometheus, redis exporter and headless chromium exist (tests)
+	@missing=""; for pair in $(TEST_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing$$missing (Debian packages)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q $$missing >/dev/null || { apt-get update -q && apt-get install -y -q $$missing; }; \
+	  else sudo apt-get install -y -q $$missing; fi; \
+	fi
 
 $(MODEL): $(STAMP)
 	@echo "==> preparing the default model (once)"
