@@ -43,6 +43,7 @@ def api(host: str | None, port: int | None, workers: int | None, connections: in
         "--worker-connections", str(connections),
         "--bind", f"{host or s.api_host}:{port or s.api_port}",
         "--graceful-timeout", str(s.api_graceful_timeout),
+        "--keep-alive", str(s.api_keepalive),
         "--config", str(Path(__file__).with_name("gunicorn_conf.py")),
         "--access-logfile", "-",
         "--no-control-socket",  # several API servers may share a host

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     # Seconds an API process keeps serving open streams after SIGTERM before it exits.
     api_graceful_timeout: int = Field(30, ge=0)
+    # Seconds an idle keep-alive connection stays open: above clients' own idle expiry
+    # (httpx, the OpenAI SDK: 5 s) and load balancers' (often 60 s), so the server is never
+    # the side that closes a connection just as a client reuses it.
+    api_keepalive: int = Field(75, ge=1)
 
     @property
     def bootstrap_keys(self) -> list[str]:

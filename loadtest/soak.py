@@ -49,7 +49,7 @@ async def one(client: httpx.AsyncClient, i: int) -> str | None:
         resp = await client.post("/v1/chat/completions", json=body)
         return None if resp.status_code == 200 else f"chat {resp.status_code}"
     except httpx.HTTPError as exc:
-        return type(exc).__name__
+        return f"{type(exc).__name__} ({'job' if i % 10 == 9 else 'stream' if i % 3 == 0 else 'chat'})"
 
 
 async def drive(base: str, n: int, concurrency: int, on_progress) -> Counter[str]:  # type: ignore[no-untyped-def]
