@@ -63,6 +63,11 @@ def _running(metrics_url: str) -> float:
 
 def test_eight_streams_share_the_engine(sdk, stack):
     assert "vllm:num_requests_running" in httpx.get(stack["metrics"], timeout=2).text
+    # What Prometheus asks for: the samples keep vLLM's names (client_python#1177 renames them).
+    openmetrics = "application/openmetrics-text;version=1.0.0;escaping=underscores,text/plain;q=0.5"
+    scraped = httpx.get(stack["metrics"], timeout=2, headers={"Accept": openmetrics}).text
+    assert re.search(r"^vllm:num_requests_running\{", scraped, re.M)
+    assert not re.search(r"^vllm_", scraped, re.M)
     peak, stop = [0.0], threading.Event()
 
     def sample():

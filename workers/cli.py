@@ -56,8 +56,6 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
 
     tracing.init_tracing("inferq-worker")
 
-    from prometheus_client import start_http_server
-
     from queueing import keys
     from queueing.celery_app import app
     from workers import tasks  # noqa: F401  (registers the task)
@@ -67,7 +65,9 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
     runtime = WorkerRuntime(settings, build_engine(settings))
     if settings.worker_metrics_port:
         try:
-            start_http_server(settings.worker_metrics_port)
+            from workers import metrics
+
+            metrics.serve(settings.worker_metrics_port)
         except OSError as exc:
             log.warning("metrics port %s unavailable: %s", settings.worker_metrics_port, exc)
     runtime.start()

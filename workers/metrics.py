@@ -6,7 +6,12 @@ one scrape of a worker shows both the queue side and the engine side.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import threading
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 PRIORITY_NAMES = {0: "interactive", 1: "batch"}
 
@@ -26,3 +31,25 @@ for _priority in PRIORITY_NAMES.values():  # export zeros before the first job
     ACTIVE_JOBS.labels(_priority)
     for _outcome in ("succeeded", "failed", "cancelled", "refused"):
         JOBS.labels(_priority, _outcome)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's signature
+        pass
+
+
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    """Serve the default registry (inferq's and vLLM's metrics) on a daemon thread.
+
+    Always in the classic text format: prometheus_client 0.26 answers Prometheus'
+    OpenMetrics ``Accept`` header with vLLM's ``vllm:*`` samples renamed ``vllm_*``
+    while their HELP/TYPE lines keep the colon (prometheus/client_python#1177).
+    """
+    app = make_wsgi_app()
+
+    def classic_text(environ: dict[str, Any], start_response: Any) -> Any:
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    server = make_server(host, port, classic_text, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
