@@ -19,7 +19,7 @@ from api.files import FileStore
 from api.gateway import Gateway
 from api.ledger import Ledger
 from api.ratelimit import KeyRateLimiter, failed_auth_only, ip_limiter
-from api.routes import batches, completions, files, health, jobs, models, usage
+from api.routes import batches, completions, files, health, jobs, models, openapi, usage
 from config import Settings, get_settings, logs, tracing
 from queueing.celery_app import make_celery
 from queueing.connections import get_redis
@@ -71,10 +71,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register_error_handlers(app)
     limiter = ip_limiter(app, settings)
     limiter.limit(settings.ip_rate_limit)(health.bp)
+    limiter.limit(settings.ip_rate_limit)(openapi.bp)
     api_blueprints = (models.bp, completions.bp, jobs.bp, usage.bp, files.bp, batches.bp)
     for blueprint in api_blueprints:
         limiter.limit(settings.auth_failure_limit, deduct_when=failed_auth_only)(blueprint)
-    for blueprint in (health.bp, *api_blueprints):
+    for blueprint in (health.bp, openapi.bp, *api_blueprints):
         app.register_blueprint(blueprint)
     return app
 

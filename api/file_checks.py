@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from api import errors
-from api.protocol import ErrorResponse
+from api.protocol import ErrorResponse, lone_surrogate_at
 
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
 QUOTED_MAX = 80  # characters of a client's value repeated in a message
@@ -71,8 +71,12 @@ def parse_line(raw: bytes) -> dict[str, Any] | str:
         return "not valid UTF-8 text."
     except json.JSONDecodeError as exc:
         return f"not valid JSON ({exc.msg} at column {exc.colno})."
+    except RecursionError:
+        return "not valid JSON (nested too deeply)."
     if not isinstance(value, dict):
         return "each line must be a JSON object."
+    if lone_surrogate_at(value) is not None:
+        return "strings must be valid Unicode: a lone surrogate (\\ud800-\\udfff escape) is not text."
     return value
 
 

@@ -16,10 +16,41 @@ from queueing.jobs import GenerationParams
 MAX_STOP_SEQUENCES = 4
 
 
+def lone_surrogate_at(data: Any) -> str | None:
+    """Where ``data`` holds a string with a lone surrogate (JSON's ``"\\ud800"`` decodes to one), if anywhere.
+
+    Such a string is not text: it cannot be encoded, so Redis, Celery and the tokenizer would fail on it.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]  # iterative: bodies may nest as deep as JSON allows
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                stack += [(child, key), (child, item)]
+        elif isinstance(value, list):
+            stack += [(f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value)]
+    return None
+
+
 class OpenAIModel(BaseModel):
-    """Requests ignore unknown fields, as vLLM's server does."""
+    """Requests ignore unknown fields, as vLLM's server does, and refuse strings that are not text."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = lone_surrogate_at(data)
+        if path is not None:
+            where = f" (at {path.encode('ascii', 'backslashreplace').decode()})" if path else ""
+            raise ValueError(f"Strings must be valid Unicode: a lone surrogate is not text{where}.")
+        return data
 
 
 # --- errors ---------------------------------------------------------------
