@@ -8,6 +8,8 @@ this bound with the exact count (``queueing.metering.adjust_reservation``).
 
 from __future__ import annotations
 
+from api import errors
+from api.protocol import ErrorResponse
 from queueing.jobs import GenerationParams
 
 #: Upper bound on what a chat template adds: a default system prompt and role markers.
@@ -29,3 +31,16 @@ def worst_case_tokens(params: GenerationParams, max_model_len: int) -> int:
     prompt = prompt_token_bound(params)
     completion = params.max_tokens if params.max_tokens is not None else max(max_model_len - 1, 1)
     return min(prompt, max_model_len) + completion
+
+
+def length_error(params: GenerationParams, max_model_len: int) -> ErrorResponse | None:
+    """Refuse at once what can never fit the model's context (as vLLM's server does)."""
+    for name, value in (("max_tokens", params.max_tokens), ("min_tokens", params.min_tokens)):
+        if value is not None and value > max_model_len:
+            return errors.error(
+                400, f"This model's maximum context length is {max_model_len} tokens, and {name} asks "
+                f"for {value}.", "invalid_request_error", "context_length_exceeded", name)
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        return errors.error(400, f"min_tokens ({params.min_tokens}) must be at most max_tokens "
+                            f"({params.max_tokens}).", "invalid_request_error", "invalid_value", "min_tokens")
+    return None

@@ -19,7 +19,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from api import errors, metrics
-from api.admission import worst_case_tokens
+from api.admission import length_error, worst_case_tokens
 from api.protocol import ErrorResponse
 from config import Settings, logs
 from queueing import events, jobs, keys, liveness, metering
@@ -146,6 +146,9 @@ class Gateway:
     def submit(self, params: GenerationParams, payer: Payer | None = None) -> JobStream | ErrorResponse:
         """Reserve the request's worst case against the payer's quota and enqueue it,
         or say why it cannot run now."""
+        too_long = length_error(params, self.settings.max_model_len)
+        if too_long is not None:
+            return too_long
         record = self.new_record(params, payer)
         try:
             live, waiting = self._admission_state(params.model)
@@ -193,6 +196,9 @@ class Gateway:
         queued (its first message may never have been sent; a duplicate runs once).
         """
         params = record.params
+        too_long = length_error(params, self.settings.max_model_len)
+        if too_long is not None:
+            return too_long
         try:
             try:
                 quota_error = self._create(record, index=index)

@@ -190,3 +190,16 @@ def test_full_queue_is_503_with_retry_after(app_config, auth, redis_client):
     finally:
         redis_client.delete(queue)
         liveness.retire(redis_client, model, "fake-worker")
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), [
+    ({"max_tokens": 10**12}, "max_tokens", "context_length_exceeded"),
+    ({"max_tokens": 8, "min_tokens": 10**9}, "min_tokens", "context_length_exceeded"),
+    ({"max_tokens": 8, "min_tokens": 9}, "min_tokens", "invalid_value"),
+])
+def test_lengths_that_can_never_fit_are_refused_before_queueing(client, auth, extra, param, code):
+    for path, body in (("/v1/chat/completions", chat("x", **extra)),
+                       ("/v1/jobs", {"endpoint": "/v1/chat/completions", "body": chat("x", **extra)})):
+        resp = client.post(path, json=body, headers=auth)
+        assert resp.status_code == 400, resp.json
+        assert (resp.json["error"]["param"], resp.json["error"]["code"]) == (param, code)
