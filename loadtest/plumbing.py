@@ -1,0 +1,502 @@
+"""Plumbing overhead: what the API, Redis, Celery and pub/sub add to a request, the engine set aside.
+
+    python -m loadtest.plumbing --requests 2000 --levels 1,32,256 --api-workers 1,2
+
+Starts a private Redis, one worker with the scripted engine (a test double that
+emits its ``--max-tokens`` tokens at once: no model, no delay) and the API, then,
+for each number of API processes, each mode (buffered and streamed chat) and each
+concurrency: a warm-up, then ``--requests`` requests in a closed loop, measured by
+the client. Buffered chat is also run at ``--rate-levels`` to find the highest
+request rate.
+
+The baseline, measured in the same run, is the same scripted engine driven directly
+in this process from a thread pool at the same concurrency, with the same request
+count: "added" is what the stack costs over the engine alone. A bare Redis PING
+round trip is measured for scale, and the CPU time each process spent during each
+level (100 % = one core) shows what saturates.
+
+With ``--profile`` (the default) py-spy samples the API (gunicorn and its gevent
+workers) and the worker during one extra, unmeasured pass at concurrency 32 (each
+mode) and the top functions by own time are printed; the collapsed stacks are kept
+in ``loadtest/out/`` (``py-spy`` must be installed beside this Python).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import psutil
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from loadtest.driver import DriverConfig, RequestResult, make_client, send_one
+from loadtest.stack import BENCH_KEY, free_port, redis_server, running_stack
+from loadtest.stats import Aggregate, Summary, aggregate, summarize
+from loadtest.workload import Workload
+from queueing import events
+from queueing.jobs import GenerationParams
+
+console = Console(width=max(shutil.get_terminal_size().columns, 160))
+MODEL = "scripted-plumbing"
+OUT_DIR = Path(__file__).with_name("out")
+MODES = ("buffered", "stream")
+PROFILE_CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """The scripted engine driven directly: latency and time to first token, in seconds."""
+
+    requests: int
+    elapsed: float
+    latency: Summary
+    ttft: Summary
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.elapsed
+
+
+ROLES = ("api", "worker", "redis-server", "client")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One measured level: the stack's figures, the engine-alone baseline, CPU seconds per role,
+    and the machine's 1-minute load average when it ended (other tenants' load included)."""
+
+    api_workers: int
+    mode: str
+    concurrency: int
+    stack: Aggregate
+    engine: EngineRun
+    cpu_seconds: dict[str, float]
+    loadavg: float
+
+    def cpu_ms(self, role: str) -> float:
+        """CPU milliseconds ``role`` spent per measured request."""
+        return self.cpu_seconds.get(role, 0.0) * 1000 / max(self.stack.completed + self.stack.failed, 1)
+
+    @property
+    def server_cpu_ms(self) -> float:
+        """API + worker + Redis CPU milliseconds per request (the client left out)."""
+        return sum(self.cpu_ms(role) for role in ROLES[:3])
+
+
+# --- the load -----------------------------------------------------------------
+
+
+async def _requests(client: httpx.AsyncClient, config: DriverConfig, workload: Workload, n: int
+                    ) -> list[RequestResult]:
+    """``n`` requests, ``config.concurrency`` at a time, each sent as soon as a slot frees."""
+    results: list[RequestResult] = []
+    todo = iter(range(n))
+    started = time.perf_counter()
+
+    async def user() -> None:
+        for _ in todo:
+            results.append(await send_one(client, config, workload.next(), started))
+
+    await asyncio.gather(*(user() for _ in range(config.concurrency)))
+    return results
+
+
+async def _warm_then_measure(config: DriverConfig, workload: Workload, warmup: int, n: int,
+                             cpu: ProcessGroups | None, cpu_seconds: dict[str, float]
+                             ) -> tuple[list[RequestResult], float]:
+    async with make_client(config) as client:
+        await _requests(client, config, workload, warmup)  # opens the connections, fills pools
+        before = cpu.cpu_seconds() if cpu else {}
+        start = time.perf_counter()
+        results = await _requests(client, config, workload, n)
+        elapsed = time.perf_counter() - start
+        if cpu:
+            cpu_seconds.update({role: s - before.get(role, 0.0) for role, s in cpu.cpu_seconds().items()})
+        return results, elapsed
+
+
+def drive_stack(base: str, mode: str, concurrency: int, n: int, warmup: int, max_tokens: int,
+                cpu: ProcessGroups | None = None, cpu_seconds: dict[str, float] | None = None) -> Aggregate:
+    """A warm-up, then ``n`` chat requests at ``concurrency`` through the whole stack; with ``cpu``,
+    each role's CPU seconds over the measured requests go into ``cpu_seconds``."""
+    config = DriverConfig(base_url=f"{base}/v1", api_key=BENCH_KEY, model=MODEL, mode="chat",
+                          stream=mode == "stream", concurrency=concurrency, timeout=120)
+    workload = Workload(prompt_tokens=16, max_tokens=max_tokens, seed=concurrency)
+    results, elapsed = asyncio.run(_warm_then_measure(config, workload, warmup, n, cpu,
+                                                      {} if cpu_seconds is None else cpu_seconds))
+    return aggregate(results, elapsed)
+
+
+def engine_alone(concurrency: int, n: int, warmup: int, max_tokens: int) -> EngineRun:
+    """The baseline: ``ScriptedEngine.stream`` called from ``concurrency`` threads, ``n`` times."""
+    from workers.scripted_engine import ScriptedEngine
+
+    engine = ScriptedEngine()
+
+    def one(i: int) -> tuple[float, float]:
+        params = GenerationParams(kind="chat", model=MODEL, max_tokens=max_tokens,
+                                  messages=[{"role": "user", "content": f"plumbing baseline {i}"}])
+        start, ttft = time.perf_counter(), 0.0
+        for event in engine.stream(f"direct-{i}", params):
+            if not ttft and isinstance(event, events.Delta):
+                ttft = time.perf_counter() - start
+        return time.perf_counter() - start, ttft
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(warmup)))
+        start = time.perf_counter()
+        timings = list(pool.map(one, range(warmup, warmup + n)))
+        elapsed = time.perf_counter() - start
+    latency, ttft = summarize(t[0] for t in timings), summarize(t[1] for t in timings)
+    assert latency is not None and ttft is not None
+    return EngineRun(n, elapsed, latency, ttft)
+
+
+def redis_ping(url: str, n: int = 2000) -> Summary:
+    """Round-trip time of ``n`` sequential PINGs on one connection."""
+    client = redis.Redis.from_url(url)
+    client.ping()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        client.ping()
+        times.append(time.perf_counter() - start)
+    summary = summarize(times)
+    assert summary is not None
+    return summary
+
+
+# --- CPU time per process -----------------------------------------------------
+
+
+class ProcessGroups:
+    """The processes of a benchmark, by role, for CPU time sampling (children included).
+
+    ``roles`` maps a pid to its role; this process is ``client``; its other children
+    are named by process name (``redis-server``, ``py-spy``).
+    """
+
+    def __init__(self, roles: dict[int, str]):
+        self.roles = roles
+        self.me = psutil.Process(os.getpid())
+
+    def _groups(self) -> dict[str, list[psutil.Process]]:
+        groups: dict[str, list[psutil.Process]] = {"client": [self.me]}
+        for child in self.me.children():
+            try:
+                role = self.roles.get(child.pid) or child.name()
+                groups.setdefault(role, []).extend([child, *child.children(recursive=True)])
+            except psutil.Error:
+                pass
+        return groups
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds so far, per role."""
+        out: dict[str, float] = {}
+        for role, procs in self._groups().items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    pass
+            out[role] = total
+        return out
+
+
+
+# --- profiling ----------------------------------------------------------------
+
+
+def py_spy() -> str:
+    """The py-spy binary beside this Python, else on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if found is None:
+        raise click.ClickException("py-spy is not installed (pip install py-spy), or run with --no-profile")
+    return found
+
+
+@contextmanager
+def profiled(targets: dict[str, int], prefix: str, rate: int = 200) -> Iterator[dict[str, Path]]:
+    """py-spy records each ``name -> pid`` (and its children) while the block runs; yields the
+    paths of the collapsed-stack files it writes when the block ends."""
+    OUT_DIR.mkdir(exist_ok=True)
+    paths = {name: OUT_DIR / f"{prefix}-{name}.txt" for name in targets}
+    spies = [subprocess.Popen([py_spy(), "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
+                               "--format", "raw", "--rate", str(rate), "-o", str(paths[name])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in targets.items()]
+    time.sleep(1.0)  # attached before the load starts
+    try:
+        yield paths
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for spy in spies:
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def _function(frame: str) -> str:
+    """``name (path:line)`` -> ``name (short path)``: one entry per function, not per line."""
+    name, sep, path = _LINE.sub(")", frame).rpartition(" (")
+    if not sep:
+        return frame
+    if "site-packages/" in path:
+        path = path.split("site-packages/", 1)[1]
+    elif "/lib/python3" in path:
+        path = path.split("/lib/python3", 1)[1].partition("/")[2]
+    return f"{name} ({path.replace(str(Path.cwd()) + '/', '')}"
+
+
+OUR_PACKAGES = ("api/", "queueing/", "workers/", "config/")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one py-spy file says: samples, and the heaviest functions (name -> samples)."""
+
+    samples: int
+    own: list[tuple[str, int]]  # functions by own time (leaf frames)
+    files: list[tuple[str, int]]  # source files by own time
+    ours: list[tuple[str, int]]  # inferq's own functions by inclusive time
+
+    def share(self, count: int) -> str:
+        return f"{count / max(self.samples, 1) * 100:.1f} %"
+
+
+def read_profile(collapsed: str, n: int = 15) -> Profile:
+    """Parse py-spy's collapsed stacks (``frame;frame;... count`` per line)."""
+    own: Counter[str] = Counter()
+    files: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [_function(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        samples = int(count)
+        total += samples
+        own[frames[-1]] += samples
+        files[frames[-1].partition(" (")[2].rstrip(")") or frames[-1]] += samples
+        for frame in set(frames):
+            if frame.partition(" (")[2].startswith(OUR_PACKAGES):
+                ours[frame] += samples
+    return Profile(total, own.most_common(n), files.most_common(n), ours.most_common(n))
+
+
+def print_profile(name: str, path: Path) -> dict[str, Any]:
+    """Print and return the top functions of one py-spy file: own time, by file, and ours inclusive."""
+    profile = read_profile(path.read_text() if path.exists() else "")
+    for title, rows in ((f"{name}: top functions by own time ({profile.samples} samples, {path.name})",
+                         profile.own),
+                        (f"{name}: inferq's own functions by inclusive time", profile.ours)):
+        table = Table(title=title)
+        table.add_column("share", justify="right")
+        table.add_column("function (file)")
+        for function, count in rows:
+            table.add_row(profile.share(count), function)
+        console.print(table)
+    console.print(f"{name}: own time by file: "
+                  + ", ".join(f"{f} {profile.share(c)}" for f, c in profile.files[:8]))
+
+    def shares(rows: list[tuple[str, int]]) -> dict[str, float]:
+        return {f: round(c / max(profile.samples, 1) * 100, 1) for f, c in rows}
+
+    return {"samples": profile.samples, "own": shares(profile.own), "files": shares(profile.files),
+            "ours_inclusive": shares(profile.ours)}
+
+
+# --- the run ------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def run_levels(base: str, groups: ProcessGroups, api_workers: int, levels: dict[str, list[int]], n: int,
+               warmup: int, max_tokens: int) -> list[Level]:
+    """Every mode at every concurrency, each preceded by the engine-alone baseline."""
+    out = []
+    for mode in MODES:
+        for concurrency in levels[mode]:
+            warm = max(warmup, 2 * concurrency)
+            engine = engine_alone(concurrency, n, warm, max_tokens)
+            cpu: dict[str, float] = {}
+            stack = drive_stack(base, mode, concurrency, n, warm, max_tokens, groups, cpu)
+            lv = Level(api_workers, mode, concurrency, stack, engine, cpu, os.getloadavg()[0])
+            out.append(lv)
+            lat = stack.latency
+            cpu_ms = " ".join(f"{r} {lv.cpu_ms(r):.1f}" for r in ROLES)
+            console.print(f"API x{api_workers} {mode} c={concurrency:<3} {stack.requests_per_s:6.0f} req/s  "
+                          f"p50 {_ms(lat.p50) if lat else '-'} ms  errors {stack.errors or 0}  "
+                          f"CPU ms/request {cpu_ms}  load {lv.loadavg:.1f}")
+    return out
+
+
+def print_levels(levels: list[Level], ping: Summary) -> None:
+    table = Table(title=f"Plumbing overhead (scripted engine, no delay); Redis PING p50 {_ms(ping.p50)} ms, "
+                        f"p99 {_ms(ping.p99)} ms")
+    for col in ("API", "mode", "conc", "req/s", "p50", "p99", "TTFT p50", "TTFT p99", "engine p50",
+                "added p50", "CPU ms/req API/worker/Redis/client", "errors", "load"):
+        table.add_column(col, justify="right")
+    for lv in levels:
+        s, lat, ttft, engine_p50 = lv.stack, lv.stack.latency, lv.stack.ttft, lv.engine.latency.p50
+        table.add_row(str(lv.api_workers), lv.mode, str(lv.concurrency), f"{s.requests_per_s:.0f}",
+                      _ms(lat.p50) if lat else "-", _ms(lat.p99) if lat else "-",
+                      _ms(ttft.p50) if ttft else "", _ms(ttft.p99) if ttft else "",
+                      f"{engine_p50 * 1000:.3f}", f"+{_ms(lat.p50 - engine_p50)}" if lat else "-",
+                      "/".join(f"{lv.cpu_ms(r):.1f}" for r in ROLES),
+                      json.dumps(s.errors) if s.errors else "0", f"{lv.loadavg:.1f}")
+    console.print(table)
+    console.print("Times in ms. engine = ScriptedEngine.stream driven in-process at the same concurrency; "
+                  "added = stack p50 - engine p50; load = 1-minute load average (all tenants).")
+
+
+def best_rate(levels: list[Level]) -> dict[int, Level]:
+    """Per number of API processes: the level with the highest request rate and no errors."""
+    best: dict[int, Level] = {}
+    for lv in levels:
+        current = best.get(lv.api_workers)
+        rate = lv.stack.requests_per_s
+        if lv.stack.failed == 0 and (current is None or rate > current.stack.requests_per_s):
+            best[lv.api_workers] = lv
+    return best
+
+
+def level_json(lv: Level) -> dict[str, Any]:
+    s = lv.stack
+    return {"api_workers": lv.api_workers, "mode": lv.mode, "concurrency": lv.concurrency,
+            "requests": s.completed + s.failed, "failed": s.failed, "errors": s.errors,
+            "requests_per_s": round(s.requests_per_s, 1),
+            "latency_ms": s.latency.as_ms() if s.latency else None,
+            "ttft_ms": s.ttft.as_ms() if s.ttft else None,
+            "engine_latency_ms": lv.engine.latency.as_ms(), "engine_ttft_ms": lv.engine.ttft.as_ms(),
+            "engine_requests_per_s": round(lv.engine.requests_per_s, 1),
+            "cpu_ms_per_request": {r: round(lv.cpu_ms(r), 2) for r in ROLES}, "loadavg": round(lv.loadavg, 2)}
+
+
+def summary_lines(levels: list[Level], max_tokens: int) -> list[str]:
+    """The sentences the README quotes: overhead at concurrency 1, the best rate, the CPU ceiling."""
+    lines = []
+    for lv in levels:
+        stack_p50, engine_p50 = (lv.stack.latency.p50 if lv.stack.latency else 0.0), lv.engine.latency.p50
+        if lv.concurrency == 1 and stack_p50:
+            lines.append(f"{lv.mode} chat, {lv.api_workers} API process(es), concurrency 1: the stack adds "
+                         f"{_ms(stack_p50 - engine_p50)} ms at p50 over the engine alone "
+                         f"({stack_p50 / engine_p50:.0f}x)")
+    for n_api, lv in sorted(best_rate(levels).items()):
+        ceiling = 2000 / lv.server_cpu_ms if lv.server_cpu_ms else 0.0
+        lines.append(f"highest rate with {n_api} API process(es): {lv.stack.requests_per_s:.0f} req/s "
+                     f"({lv.mode} chat, concurrency {lv.concurrency}, {max_tokens} tokens each); the servers "
+                     f"spent {lv.server_cpu_ms:.1f} CPU ms per request, i.e. at most {ceiling:.0f} req/s "
+                     f"on {os.cpu_count()} free cores")
+    return lines
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@click.command()
+@click.option("--requests", "n_requests", default=2000, show_default=True,
+              help="Measured requests per level.")
+@click.option("--warmup", default=200, show_default=True,
+              help="Warm-up requests before each level (at least twice the concurrency).")
+@click.option("--levels", default="1,32,256", show_default=True, help="Concurrencies, both modes.")
+@click.option("--rate-levels", default="8,64,128", show_default=True,
+              help="More concurrencies for buffered chat only, to find the highest request rate.")
+@click.option("--api-workers", default="1,2", show_default=True, help="Numbers of API processes to measure.")
+@click.option("--max-tokens", default=8, show_default=True)
+@click.option("--profile/--no-profile", default=True, show_default=True,
+              help="py-spy the API and the worker during an extra pass at concurrency 32.")
+@click.option("--env", "extra_env", multiple=True, metavar="NAME=VALUE",
+              help="A setting for the worker and API (repeatable), e.g. LEDGER_DRAIN=false for an A/B run.")
+def main(n_requests: int, warmup: int, levels: str, rate_levels: str, api_workers: str, max_tokens: int,
+         profile: bool, extra_env: tuple[str, ...]) -> None:
+    """Latency and rate of short chat requests through the stack vs the scripted engine alone."""
+    by_mode = {"stream": sorted(set(_int_list(levels))),
+               "buffered": sorted(set(_int_list(levels) + _int_list(rate_levels)))}
+    overrides = dict(item.split("=", 1) for item in extra_env)
+    measured: list[Level] = []
+    paths: dict[str, Path] = {}
+    ping: Summary | None = None
+    for index, n_api in enumerate(_int_list(api_workers)):
+        procs: list[subprocess.Popen[bytes]] = []
+        with tempfile.TemporaryDirectory() as db_dir, redis_server() as redis_url, running_stack(
+                free_port(), 120, api_args=("--workers", str(n_api)), procs=procs, REDIS_URL=redis_url,
+                DATABASE_URL=f"sqlite:///{db_dir}/plumbing.db", ENGINE="scripted", SERVED_MODEL_NAME=MODEL,
+                MAX_NUM_SEQS="256", MAX_QUEUE_DEPTH="0", LOG_LEVEL="WARNING", JOB_TTL="600",
+                **overrides) as base:
+            worker, api = procs
+            groups = ProcessGroups({worker.pid: "worker", api.pid: "api"})
+            if ping is None:
+                ping = redis_ping(redis_url)
+                console.print(f"Redis PING p50 {_ms(ping.p50)} ms, p99 {_ms(ping.p99)} ms")
+            measured += run_levels(base, groups, n_api, by_mode, n_requests, warmup, max_tokens)
+            if profile and index == 0:
+                with profiled({"api": api.pid, "worker": worker.pid}, "plumbing") as paths:
+                    for mode in MODES:
+                        drive_stack(base, mode, PROFILE_CONCURRENCY, n_requests, PROFILE_CONCURRENCY,
+                                    max_tokens)
+    assert ping is not None
+    print_levels(measured, ping)
+    lines = summary_lines(measured, max_tokens)
+    for line in lines:
+        console.print(line)
+    settings = {"requests": n_requests, "warmup": warmup, "levels": by_mode, "max_tokens": max_tokens,
+                "api_workers": _int_list(api_workers), "env": overrides}
+    report = {"settings": settings,
+              "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model()},
+              "redis_ping_ms": ping.as_ms(), "levels": [level_json(lv) for lv in measured],
+              "summary": lines}
+    OUT_DIR.mkdir(exist_ok=True)
+    (OUT_DIR / "plumbing.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    if paths:
+        report["profiles"] = {name: print_profile(f"{name} (c={PROFILE_CONCURRENCY}, both modes)", path)
+                              for name, path in paths.items()}
+        (OUT_DIR / "plumbing.json").write_text(json.dumps(report, indent=1))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
