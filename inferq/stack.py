@@ -72,6 +72,8 @@ def run(procfile: Path) -> None:
     processes = ["worker", "api", "flower", "gpu-monitor"]
     if "log_format" not in s.model_fields_set:
         os.environ["LOG_FORMAT"] = "text"  # honcho prefixes each line with its process: keep it readable
+    if "worker_task_events" not in s.model_fields_set:
+        os.environ["WORKER_TASK_EVENTS"] = "true"  # Flower's task views, here where Flower runs
     if not redis_reachable(s.redis_url):
         url = urlparse(s.redis_url)
         if url.hostname not in ("127.0.0.1", "localhost") or not shutil.which("redis-server"):

@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from typing import Any
 
 import click
 import httpx
@@ -73,13 +74,14 @@ async def drive(base: str, n: int, concurrency: int, on_progress) -> Counter[str
 
 def keys_without_expiry(client: redis.Redis) -> dict[str, str]:
     """Every key with no TTL, with its type and size."""
-    out = {}
+    sizes: dict[str, Any] = {"hash": client.hlen, "zset": client.zcard, "set": client.scard,
+                             "list": client.llen, "stream": client.xlen}
+    out: dict[str, str] = {}
     for key in client.scan_iter(count=1000):
         if client.ttl(key) == -1:
-            kind = client.type(key)
-            size = {"hash": client.hlen, "zset": client.zcard, "set": client.scard, "list": client.llen,
-                    "stream": client.xlen}.get(kind, lambda _k: 1)(key)
-            out[key] = f"{kind} ({size})"
+            kind = str(client.type(key))
+            size = sizes[kind](key) if kind in sizes else 1
+            out[str(key)] = f"{kind} ({size})"
     return out
 
 

@@ -47,11 +47,36 @@ class EventSubscription:
                 return events.decode(msg["data"])
 
     def close(self) -> None:
-        """Unsubscribe and give the connection back to the pool."""
+        """Unsubscribe and give the connection back to the pool, still connected.
+
+        redis-py's own ``PubSub.close`` disconnects the connection it releases, so the
+        next command to take it reconnects: one new TCP connection per request. Here the
+        subscription waits for Redis to confirm the unsubscribe (the connection is then
+        back in normal mode, with nothing left to read) and returns it as it is; if the
+        confirmation does not come, it falls back to disconnecting.
+        """
+        pubsub = self._pubsub
         try:
-            self._pubsub.close()
-        except redis.RedisError:
-            pass
+            if pubsub.connection is not None and self._unsubscribed(pubsub):
+                connection, pubsub.connection = pubsub.connection, None
+                connection.deregister_connect_callback(pubsub.on_connect)
+                pubsub.connection_pool.release(connection)
+            pubsub.close()  # resets its state; disconnects only a connection it still holds
+        except (redis.RedisError, OSError):
+            try:
+                pubsub.close()
+            except (redis.RedisError, OSError):
+                pass
+
+    @staticmethod
+    def _unsubscribed(pubsub: redis.client.PubSub, timeout: float = 1.0) -> bool:
+        pubsub.unsubscribe()
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            msg = pubsub.get_message(timeout=remaining)  # late token events are dropped here
+            if msg and msg["type"] == "unsubscribe" and not msg["data"]:
+                return True  # subscribed to nothing: a normal connection again
+        return False
 
     def __enter__(self) -> EventSubscription:
         return self

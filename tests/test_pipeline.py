@@ -203,3 +203,16 @@ def test_lengths_that_can_never_fit_are_refused_before_queueing(client, auth, ex
         resp = client.post(path, json=body, headers=auth)
         assert resp.status_code == 400, resp.json
         assert (resp.json["error"]["param"], resp.json["error"]["code"]) == (param, code)
+
+
+def test_requests_reuse_redis_connections(client, auth, redis_client):
+    def connections_made() -> int:
+        return int(redis_client.info("stats")["total_connections_received"])
+
+    for _ in range(3):  # warm the pool
+        client.post("/v1/chat/completions", json=chat("warm", max_tokens=2), headers=auth)
+    before = connections_made()
+    for i in range(30):
+        body = chat(f"reuse {i}", max_tokens=2, stream=bool(i % 2))
+        assert client.post("/v1/chat/completions", json=body, headers=auth).status_code == 200
+    assert connections_made() - before < 10  # was one new connection per request

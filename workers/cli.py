@@ -79,7 +79,8 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
         "--concurrency", str(concurrency or settings.max_num_seqs),
         "--queues", keys.model_queue(settings.served_model_name),
         "--hostname", f"{node}.{os.getpid()}@{socket.gethostname()}",
-        "--task-events", "--without-mingle", "--without-gossip",
+        *(["--task-events"] if settings.worker_task_events else []),
+        "--without-mingle", "--without-gossip",
         "--loglevel", loglevel,
     ]
     try:
