@@ -142,7 +142,7 @@ def run_level(base_url: str, model: str, concurrency: int, n_requests: int, opts
     config = DriverConfig(base_url=base_url, api_key=BENCH_KEY, model=model, mode="chat-stream",
                           stream=True, concurrency=concurrency, requests=n_requests, warmup=opts["warmup"],
                           ignore_eos=True, temperature=1.0, timeout=opts["timeout"], seed=opts["seed"])
-    workload = Workload(opts["prompt_tokens"], opts["max_tokens"], 0.0, opts["seed"])
+    workload = Workload(opts["prompt_words"], opts["max_tokens"], 0.0, opts["seed"])
     state = RunState(warmup=config.warmup, requests=n_requests)
 
     async def go() -> None:
@@ -230,7 +230,7 @@ def main(levels: str, n_requests: int | None, prompt_words: int, max_tokens: int
         raise click.ClickException(f"{s.model_name} not found: run from the repo root after `make model`")
     concurrencies = [int(x) for x in levels.split(",") if x.strip()]
     engine = engine_settings(s)
-    opts = {"prompt_tokens": prompt_words, "max_tokens": max_tokens, "warmup": warmup, "timeout": timeout,
+    opts = {"prompt_words": prompt_words, "max_tokens": max_tokens, "warmup": warmup, "timeout": timeout,
             "seed": seed}
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in ENGINES}
     started = datetime.now(UTC).isoformat(timespec="seconds")
