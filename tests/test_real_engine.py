@@ -149,3 +149,18 @@ def test_cancelling_a_running_job_stops_the_engine(stack):
     while _running(stack["metrics"]) != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running(stack["metrics"]) == 0  # the engine itself dropped the request
+
+
+def test_a_prompt_over_the_context_is_a_400_and_the_engine_keeps_serving(sdk):
+    too_long = "hello " * 1500  # the worker's engine runs MAX_MODEL_LEN=1024
+    with ThreadPoolExecutor(2) as pool:
+        refused = pool.submit(sdk.chat.completions.create, model=MODEL, max_tokens=4,
+                              messages=[{"role": "user", "content": too_long}])
+        served = pool.submit(sdk.chat.completions.create, model=MODEL, max_tokens=8, temperature=0,
+                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+        with pytest.raises(openai.BadRequestError) as exc:
+            refused.result()
+        assert "Paris" in served.result().choices[0].message.content
+    assert exc.value.code == "context_length_exceeded"
+    again = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4)
+    assert again.choices[0].text.strip()
