@@ -146,14 +146,14 @@ class Gateway:
     def submit(self, params: GenerationParams, payer: Payer | None = None) -> JobStream | ErrorResponse:
         """Reserve the request's worst case against the payer's quota and enqueue it,
         or say why it cannot run now."""
-        too_long = length_error(params, self.settings.max_model_len)
-        if too_long is not None:
-            return too_long
         record = self.new_record(params, payer)
         try:
             live, waiting = self._admission_state(params.model)
             if not live:
                 return self._no_worker(params.model)
+            too_long = length_error(params, self.settings.max_model_len)
+            if too_long is not None:
+                return too_long
             if 0 < self.settings.max_queue_depth <= waiting:
                 metrics.REJECTIONS.labels("queue_full").inc()
                 return errors.unavailable(

@@ -310,18 +310,22 @@ def test_bad_body_is_4xx_with_openai_error(http: httpx.Client, path: str, conten
     assert_openai_error(resp.status_code, resp.content, code)
 
 
-@pytest.mark.parametrize("key", ["quota", "tpm"])
+@pytest.mark.parametrize("key", ["quota", "tpm", "unlimited"])
 @pytest.mark.parametrize("max_tokens", [10**12, 2**63, 10**30])
 @pytest.mark.parametrize("path", [CHAT, "/v1/jobs"])
-def test_huge_max_tokens_is_refused_by_the_limits(http: httpx.Client, limited_keys: dict[str, str], key: str,
-                                                  max_tokens: int, path: str) -> None:
-    # With an unlimited key the API passes such a request on and the engine refuses it as longer
-    # than the context; the scripted engine would generate all of it, so only limited keys are used.
+def test_huge_max_tokens_is_refused_before_queueing(http: httpx.Client, limited_keys: dict[str, str],
+                                                    key: str, max_tokens: int, path: str) -> None:
+    # Refused as longer than the context (400) before anything is queued; a key's token limit
+    # may refuse it first (429). No Redis counter overflows either way.
     body = chat(max_tokens=max_tokens)
-    resp = http.post(path, json=body if path == CHAT else {"endpoint": CHAT, "body": body},
-                     headers={"Authorization": f"Bearer {limited_keys[key]}"})
-    assert resp.status_code == 429, resp.text
-    assert_openai_error(429, resp.content, "quota_exceeded" if key == "quota" else "rate_limit_exceeded")
+    headers = AUTH if key == "unlimited" else {"Authorization": f"Bearer {limited_keys[key]}"}
+    resp = http.post(path, json=body if path == CHAT else {"endpoint": CHAT, "body": body}, headers=headers)
+    limited = "quota_exceeded" if key == "quota" else "rate_limit_exceeded"
+    expected = {400: "context_length_exceeded", 429: limited}
+    assert resp.status_code in expected, resp.text
+    if key == "unlimited":
+        assert resp.status_code == 400
+    assert_openai_error(resp.status_code, resp.content, expected[resp.status_code])
 
 
 @pytest.mark.parametrize("text", [
