@@ -69,11 +69,14 @@ class BatchRunner:
 
     def start(self, batch: Batch, payer: Payer, may_use: Any) -> None:
         """Dispatch ``batch`` in the background (its lines log the creating request's id)."""
-        if not self._take_lease(batch.id):
-            return  # another process dispatches it
+        if self._take_lease(batch.id):  # else another process dispatches it
+            self._spawn_dispatch(batch.id, payer, may_use)
+
+    def _spawn_dispatch(self, batch_id: str, payer: Payer, may_use: Any) -> None:
+        """Dispatch on a daemon thread that keeps the caller's context (its request id)."""
         context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(self._dispatch_safely, batch.id, payer, may_use),
-                         name=f"dispatch-{batch.id}", daemon=True).start()
+        threading.Thread(target=context.run, args=(self._dispatch_safely, batch_id, payer, may_use),
+                         name=f"dispatch-{batch_id}", daemon=True).start()
 
     def _dispatch_safely(self, batch_id: str, payer: Payer, may_use: Any) -> None:
         try:
@@ -162,8 +165,7 @@ class BatchRunner:
                            "The batch's API key was revoked before all its lines were dispatched.")
                 continue
             log.warning("batch %s: its dispatcher stopped; resuming the dispatch", batch.id)
-            threading.Thread(target=self._dispatch_safely, args=(batch.id, payer, payer.may_use),
-                             name=f"dispatch-{batch.id}", daemon=True).start()
+            self._spawn_dispatch(batch.id, payer, payer.may_use)
             resumed += 1
         return resumed
 

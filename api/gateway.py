@@ -22,7 +22,7 @@ from api import errors, metrics
 from api.admission import length_error, worst_case_tokens
 from api.protocol import ErrorResponse
 from config import Settings, logs
-from queueing import events, jobs, keys, liveness, metering
+from queueing import events, jobs, keys, liveness, metering, recovery
 from queueing.celery_app import enqueue_generation
 from queueing.channel import EventSubscription
 from queueing.jobs import GenerationParams, JobRecord
@@ -93,19 +93,11 @@ class JobStream:
             self.gateway.redis, self.model, str(worker))
 
     def _lost_error(self) -> events.Error:
-        """Fail the job whose worker died (its tokens so far are unknown: it settles at zero)."""
+        """Fail the job whose worker died (if it ended after all, its own event is on the channel)."""
         log.warning("job %s: its worker stopped sending heartbeats; failing it", self.job_id)
-        error = events.Error("The worker running this request stopped; the request did not complete.",
-                             status=503, error_type="service_unavailable", code="worker_lost")
-        try:
-            ttl = self.gateway.settings.job_ttl
-            jobs.transition(self.gateway.redis, self.job_id, jobs.JobStatus.FAILED, ttl,
-                            only_from=jobs.JobStatus.RUNNING, finished_at=time.time(), prompt_tokens=0,
-                            completion_tokens=0, error=error.message, error_code=error.code,
-                            error_type=error.error_type, error_status=error.status)
-        except jobs.TransitionRefused:
-            pass  # it ended after all; its own terminal event is on the channel
-        return error
+        gateway = self.gateway
+        recovery.fail_running(gateway.redis, self.job_id, recovery.WORKER_LOST, gateway.settings.job_ttl)
+        return recovery.WORKER_LOST
 
     def _deadline_error(self, first: bool) -> events.Error:
         what = "waiting in the queue" if first else "waiting for the next token"

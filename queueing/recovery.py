@@ -103,17 +103,27 @@ def _enqueue_again(celery: Celery, job_id: str, params: GenerationParams) -> Non
     enqueue_generation(celery, job_id, params.to_dict(), params.model, batch=True, request_id=job_id)
 
 
+def fail_running(client: redis.Redis, job_id: str, error: events.Error, ttl: int) -> bool:
+    """Fail a RUNNING job whose worker is gone, publishing ``error`` as its terminal event.
+
+    Its tokens so far are unknown, so it settles at zero. False if it ended meanwhile.
+    """
+    try:
+        jobs.transition(client, job_id, JobStatus.FAILED, ttl, only_from=JobStatus.RUNNING,
+                        publish=events.encode(error), finished_at=time.time(), prompt_tokens=0,
+                        completion_tokens=0, error=error.message, error_code=error.code,
+                        error_type=error.error_type, error_status=error.status)
+    except TransitionRefused:
+        return False
+    return True
+
+
 def _fail(client: redis.Redis, orphan: Orphan, ttl: int, *, out_of_attempts: bool) -> bool:
     error = WORKER_LOST
     if out_of_attempts:
         error = events.Error(f"The request stopped {MAX_ATTEMPTS + 1} workers; it is not retried again.",
                              status=500, error_type="server_error", code="worker_lost")
-    try:
-        jobs.transition(client, orphan.job_id, JobStatus.FAILED, ttl, only_from=JobStatus.RUNNING,
-                        publish=events.encode(error), finished_at=time.time(), prompt_tokens=0,
-                        completion_tokens=0, error=error.message, error_code=error.code,
-                        error_type=error.error_type, error_status=error.status)
-    except TransitionRefused:
+    if not fail_running(client, orphan.job_id, error, ttl):
         return False
     log.warning("job %s: its worker %s died; failed it (%s)", orphan.job_id, orphan.entry, error.code)
     return True
