@@ -55,6 +55,7 @@ class JobStream:
         self.model = model
         self._subscription = subscription
         self._finished = False
+        self._completion_tokens = 0  # streamed so far: what a job whose worker died settles to
 
     def __iter__(self) -> Iterator[events.TokenEvent]:
         first = True
@@ -70,6 +71,8 @@ class JobStream:
                 if event is None:
                     event = self._deadline_error(first)
                 self._finished = events.is_terminal(event)
+                if isinstance(event, events.Delta):
+                    self._completion_tokens += event.tokens
                 first = False
                 yield event
         finally:
@@ -96,7 +99,8 @@ class JobStream:
         """Fail the job whose worker died (if it ended after all, its own event is on the channel)."""
         log.warning("job %s: its worker stopped sending heartbeats; failing it", self.job_id)
         gateway = self.gateway
-        recovery.fail_running(gateway.redis, self.job_id, recovery.WORKER_LOST, gateway.settings.job_ttl)
+        recovery.fail_running(gateway.redis, self.job_id, recovery.WORKER_LOST, gateway.settings.job_ttl,
+                              completion_tokens=self._completion_tokens)
         return recovery.WORKER_LOST
 
     def _deadline_error(self, first: bool) -> events.Error:

@@ -28,9 +28,10 @@ class Usage:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text for the client (one or more tokens)."""
+    """New text for the client: ``tokens`` generated tokens (0 where a sender does not count)."""
 
     text: str
+    tokens: int = 0
     type: Literal["delta"] = "delta"
 
 

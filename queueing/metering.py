@@ -29,11 +29,13 @@ def seconds_until_next_day(now: dt.datetime | None = None) -> int:
     return max(1, int((tomorrow - now).total_seconds()))
 
 
-# KEYS[1] job hash. ARGV[1] the exact worst case. Returns {1, new reservation} or
-# {0, used, reserved, limit} when the larger reservation does not fit.
+# KEYS[1] job hash. ARGV[1] the exact worst case, ARGV[2] the prompt's tokens. Returns
+# {1, new reservation} or {0, used, reserved, limit} when the larger reservation does not fit.
 _ADJUST_LUA = """
 local f = redis.call('HMGET', KEYS[1], 'quota_key', 'reserved_tokens', 'quota_limit', 'status')
-if not f[1] or f[4] ~= 'running' then return {1, tonumber(f[2] or '0')} end
+if f[4] ~= 'running' then return {1, tonumber(f[2] or '0')} end
+redis.call('HSET', KEYS[1], 'admitted_prompt_tokens', ARGV[2])
+if not f[1] then return {1, tonumber(f[2] or '0')} end
 local held, needed = tonumber(f[2] or '0'), tonumber(ARGV[1])
 local delta = needed - held
 if delta == 0 then return {1, held} end
@@ -53,10 +55,12 @@ return {1, needed}
 """
 
 
-def adjust_reservation(client: redis.Redis, job_id: str, needed: int) -> bool:
+def adjust_reservation(client: redis.Redis, job_id: str, needed: int, *, prompt_tokens: int = 0) -> bool:
     """Hold exactly ``needed`` tokens for a running job; False if that would cross its quota.
 
-    Jobs without a quota counter always pass.
+    ``prompt_tokens`` (the tokenized prompt) is kept on the job as ``admitted_prompt_tokens``,
+    so a job failed without its worker still settles its prompt. Jobs without a quota
+    counter always pass.
     """
-    result = client.register_script(_ADJUST_LUA)(keys=[keys.job(job_id)], args=[needed])
+    result = client.register_script(_ADJUST_LUA)(keys=[keys.job(job_id)], args=[needed, prompt_tokens])
     return bool(result[0])

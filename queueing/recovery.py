@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from celery import Celery
@@ -103,15 +103,21 @@ def _enqueue_again(celery: Celery, job_id: str, params: GenerationParams) -> Non
     enqueue_generation(celery, job_id, params.to_dict(), params.model, batch=True, request_id=job_id)
 
 
-def fail_running(client: redis.Redis, job_id: str, error: events.Error, ttl: int) -> bool:
+def fail_running(client: redis.Redis, job_id: str, error: events.Error, ttl: int,
+                 completion_tokens: int = 0) -> bool:
     """Fail a RUNNING job whose worker is gone, publishing ``error`` as its terminal event.
 
-    Its tokens so far are unknown, so it settles at zero. False if it ended meanwhile.
+    It settles to the prompt its worker admitted plus ``completion_tokens`` (what the
+    caller saw streamed; the reaper saw none). False if the job ended meanwhile.
     """
+    admitted = client.hget(keys.job(job_id), "admitted_prompt_tokens")
+    usage = events.Usage(int(admitted or 0), completion_tokens)
+    error = replace(error, usage=usage)
     try:
         jobs.transition(client, job_id, JobStatus.FAILED, ttl, only_from=JobStatus.RUNNING,
-                        publish=events.encode(error), finished_at=time.time(), prompt_tokens=0,
-                        completion_tokens=0, error=error.message, error_code=error.code,
+                        publish=events.encode(error), finished_at=time.time(),
+                        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                        error=error.message, error_code=error.code,
                         error_type=error.error_type, error_status=error.status)
     except TransitionRefused:
         return False

@@ -215,6 +215,7 @@ class VllmEngine:
                 while not outputs.empty():  # several engine steps ready: publish them as one delta
                     batch.append(outputs.get_nowait())
                 text = []
+                tokens = 0
                 for item in batch:
                     if item is _END:
                         ended = True
@@ -226,10 +227,11 @@ class VllmEngine:
                         raise item
                     completion = item.outputs[0]
                     text.append(completion.text)
-                    completion_tokens += len(completion.token_ids)
+                    tokens += len(completion.token_ids)
                     finish_reason = completion.finish_reason or finish_reason
+                completion_tokens += tokens
                 if any(text):
-                    yield events.Delta("".join(text))
+                    yield events.Delta("".join(text), tokens)
         finally:
             with self._lock:
                 self._running.pop(request_id, None)

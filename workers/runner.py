@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -38,6 +39,17 @@ ENGINE_FAILURE = events.Error(
     error_type="server_error",
     code="engine_error",
 )
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What a running job has consumed so far (its usage if it fails mid-way)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def usage(self) -> events.Usage:
+        return events.Usage(self.prompt_tokens, self.completion_tokens)
 
 
 class JobRunner:
@@ -87,12 +99,16 @@ class JobRunner:
 
     def _run(self, job_id: str, params: GenerationParams, priority: int, kind: str, started: float,
              enqueued_at: float | None, span: tracing.Span) -> None:
+        # Active before RUNNING: a cancel that sees the job running must find it here.
+        with self._lock:
+            self._active.add(job_id)
         try:
             jobs.transition(
                 self.redis, job_id, JobStatus.RUNNING, self.job_ttl, model=params.model,
                 started_at=time.time(), worker=self.worker_id,
             )
         except TransitionRefused as refused:
+            self._forget(job_id)
             # Cancelled while queued, expired, or a redelivery of a finished job.
             log.info("job %s not started: %s", job_id, refused)
             metrics.JOBS.labels(kind, "refused").inc()
@@ -100,16 +116,18 @@ class JobRunner:
             if refused.current is JobStatus.CANCELLED:
                 channel.publish(self.redis, job_id, events.Cancelled())
             return
+        except BaseException:
+            self._forget(job_id)
+            raise
         if enqueued_at is not None:
             metrics.QUEUE_WAIT.labels(kind).observe(max(started - enqueued_at, 0.0))
         active = metrics.ACTIVE_JOBS.labels(kind)
         active.inc()
         parts: list[str] = []
-        terminal: events.TerminalEvent = ENGINE_FAILURE
-        with self._lock:
-            self._active.add(job_id)
+        progress = _Progress()
+        terminal: events.TerminalEvent | None = None
         try:
-            for event in self.engine.stream(job_id, params, admit=self._admission(job_id),
+            for event in self.engine.stream(job_id, params, admit=self._admission(job_id, progress),
                                             priority=priority):
                 if job_id in self._cancel_pending and self.engine.abort(job_id):
                     with self._lock:
@@ -118,6 +136,7 @@ class JobRunner:
                     with metrics.PUBLISH_SECONDS.time():
                         channel.publish(self.redis, job_id, event)
                     parts.append(event.text)
+                    progress.completion_tokens += event.tokens
                 else:
                     terminal = event
         except redis.RedisError:
@@ -126,9 +145,9 @@ class JobRunner:
             log.exception("job %s: engine failed", job_id)
         finally:
             active.dec()
-            with self._lock:
-                self._active.discard(job_id)
-                self._cancel_pending.discard(job_id)
+            self._forget(job_id)
+        if terminal is None:  # failed mid-way: settle to what was generated
+            terminal = dataclasses.replace(ENGINE_FAILURE, usage=progress.usage())
         self.finish(job_id, terminal, "".join(parts))
         outcome = _STATUS_OF[type(terminal)].value
         metrics.JOBS.labels(kind, outcome).inc()
@@ -142,10 +161,17 @@ class JobRunner:
         self.run(job_id, GenerationParams.from_dict(params), BATCH, request_id=context.get("request_id"),
                  enqueued_at=context.get("enqueued_at"), trace=context.get("trace"))
 
-    def _admission(self, job_id: str) -> AdmitCallback:
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._active.discard(job_id)
+            self._cancel_pending.discard(job_id)
+
+    def _admission(self, job_id: str, progress: _Progress) -> AdmitCallback:
         def admit(prompt_tokens: int, max_new_tokens: int) -> events.Error | None:
             # Hold exactly the worst case now that the prompt length is known.
-            fits = metering.adjust_reservation(self.redis, job_id, prompt_tokens + max_new_tokens)
+            progress.prompt_tokens = prompt_tokens
+            fits = metering.adjust_reservation(self.redis, job_id, prompt_tokens + max_new_tokens,
+                                               prompt_tokens=prompt_tokens)
             return None if fits else QUOTA_EXCEEDED
 
         return admit
@@ -168,7 +194,10 @@ class JobRunner:
                 error_status=getattr(terminal, "status", None),
             )
         except TransitionRefused as refused:
-            log.warning("job %s: %s; publishing the terminal event only", job_id, refused)
-            channel.publish(self.redis, job_id, terminal)
+            if refused.current is None:  # the record expired: the channel still needs its end
+                log.warning("job %s: %s; publishing the terminal event only", job_id, refused)
+                channel.publish(self.redis, job_id, terminal)
+            else:  # already ended (failed by the API or the reaper), which published its own end
+                log.warning("job %s: %s; its end was already published", job_id, refused)
         except redis.RedisError:
             log.exception("job %s: could not record its end (Redis unavailable)", job_id)

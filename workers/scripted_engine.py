@@ -10,6 +10,7 @@ The reply is ``tok0 tok1 ...``: one token per word, ``max_tokens`` of them
 Directives in the prompt (last message or completion prompt) steer a test:
 
 - ``[[fail]]``: the engine raises an internal error (never shown to clients);
+- ``[[fail_after=N]]``: the same error, after N tokens were streamed;
 - ``[[too_long]]``: the request is rejected as longer than the context;
 - ``[[first_delay=S]]``: wait S seconds before the first token;
 - ``[[delay=S]]``: wait S seconds between tokens (default ``SCRIPTED_TOKEN_DELAY``);
@@ -69,11 +70,14 @@ class ScriptedEngine:
             if "fail" in directives:
                 raise ScriptedEngineFailure("scripted engine failure at 10.0.0.7:8000 (internal)")
             delay = float(directives.get("delay") or self.token_delay)
+            fail_after = int(float(directives.get("fail_after") or -1))
             for i in range(count):
+                if i == fail_after:
+                    raise ScriptedEngineFailure("scripted engine failure at 10.0.0.7:8000 (internal)")
                 if stop.is_set() or (delay and stop.wait(delay)):
                     yield events.Cancelled(usage=events.Usage(prompt_tokens, i))
                     return
-                yield events.Delta(f"tok{i}" if i == 0 else f" tok{i}")
+                yield events.Delta(f"tok{i}" if i == 0 else f" tok{i}", tokens=1)
             reason: events.FinishReason = "stop" if "stop" in directives else "length"
             yield events.Done(finish_reason=reason, usage=events.Usage(prompt_tokens, count))
         finally:
