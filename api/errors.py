@@ -52,16 +52,25 @@ def unavailable(message: str, retry_after: int = 5, code: str = "service_unavail
     return error(503, message, "service_unavailable", code, retry_after=retry_after)
 
 
+def current_request_id() -> str | None:
+    """The request id of the request being served, if any."""
+    return g.get("request_id") if has_request_context() else None
+
+
+def naming_request(err: ErrorResponse, request_id: str | None) -> ErrorResponse:
+    """``err``, its message naming ``request_id`` if it is a server-side error (the logs carry the id)."""
+    if err.status_code < 500 or not request_id or request_id in err.error.message:
+        return err
+    info = err.error.model_copy(update={"message": f"{err.error.message} (request id {request_id})"})
+    return err.model_copy(update={"error": info})
+
+
 def to_response(err: ErrorResponse) -> Response:
     """JSON response with the error's status (and ``Retry-After`` when set).
 
     Server-side errors name the request id, which the logs carry too.
     """
-    body = err.model_dump()
-    request_id = g.get("request_id") if has_request_context() else None
-    if err.status_code >= 500 and request_id and request_id not in err.error.message:
-        body["error"]["message"] = f"{err.error.message} (request id {request_id})"
-    response = jsonify(body)
+    response = jsonify(naming_request(err, current_request_id()).model_dump())
     response.status_code = err.status_code
     if err.retry_after is not None:
         response.headers["Retry-After"] = str(err.retry_after)

@@ -148,7 +148,7 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
         return errors.from_event(first) if isinstance(first, events.Error) else CANCELLED
     timer.first_token()
     if request.stream:
-        return _sse(fmt, first, stream, submitted, request.include_usage, timer)
+        return _sse(fmt, first, stream, submitted, request.include_usage, timer, errors.current_request_id())
     return _buffered(fmt, first, stream, timer)
 
 
@@ -190,7 +190,7 @@ def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events
 
 
 def _sse(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent],
-         job: JobStream, include_usage: bool, timer: _Timer) -> Iterator[str]:
+         job: JobStream, include_usage: bool, timer: _Timer, request_id: str | None) -> Iterator[str]:
     exclude = None if include_usage else {"usage"}
     try:
         for chunk in fmt.opening():
@@ -205,7 +205,7 @@ def _sse(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.Toke
                 yield sse.DONE
                 timer.done()
             elif isinstance(event, events.Error):
-                yield sse.data(errors.from_event(event))
+                yield sse.data(errors.naming_request(errors.from_event(event), request_id))
             else:
                 yield sse.data(CANCELLED)
     finally:

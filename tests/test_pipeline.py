@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from queueing import jobs
-from queueing.jobs import JobStatus
+import api.gateway
+from queueing import jobs, keys
+from queueing.jobs import GenerationParams, JobRecord, JobStatus
 from tests.conftest import SCRIPTED_MODEL
 from tests.sse_client import chunks, content, frames
+from workers.runner import JobRunner
+from workers.scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
 
@@ -70,6 +74,61 @@ def test_immediate_tokens_are_not_lost(client, auth):
         assert content(body) == " ".join(f"tok{i}" for i in range(200))
 
 
+def test_tokens_published_inside_the_enqueue_call_all_arrive(client, auth, redis_client, monkeypatch):
+    """Subscribe-before-enqueue, with no slack: the whole job runs (and publishes every event)
+    synchronously inside the enqueue call, before the API reads anything."""
+    runner = JobRunner(ScriptedEngine(), redis_client, "w-inline", 600)
+    ran: list[str] = []
+
+    def run_inline(celery, job_id, params, model, **kwargs):
+        ran.append(job_id)
+        runner.run(job_id, GenerationParams.from_dict(params))
+
+    monkeypatch.setattr(api.gateway, "enqueue_generation", run_inline)
+    body = client.post("/v1/chat/completions", headers=auth,
+                       json=chat("go", max_tokens=50, stream=True)).get_data(as_text=True)
+    assert len(ran) == 1
+    assert content(body) == " ".join(f"tok{i}" for i in range(50))
+    assert frames(body)[-1] == "[DONE]"
+
+
+def _job_with_marker(redis_client, marker: str) -> JobRecord:
+    """The job whose prompt holds ``marker`` (tests that get no job id back)."""
+    for key in redis_client.scan_iter(keys.job("*")):
+        record = jobs.get(redis_client, key.removeprefix(keys.job("")))
+        if record is not None and marker in json.dumps(record.params.to_dict()):
+            return record
+    raise AssertionError(f"no job holds {marker}")
+
+
+def _wait_for_status(redis_client, job_id: str, status: JobStatus, timeout: float = 5) -> JobRecord:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = jobs.get(redis_client, job_id)
+        if (record is not None and record.status is status) or time.monotonic() > deadline:
+            assert record is not None and record.status is status, record
+            return record
+        time.sleep(0.05)
+
+
+def test_worker_error_mid_stream_is_an_error_frame_and_settles_what_streamed(client, auth, redis_client):
+    resp = client.post("/v1/chat/completions", headers=auth,
+                       json=chat("one two [[fail_after=2]]", max_tokens=10, stream=True))
+    assert resp.status_code == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    body = resp.get_data(as_text=True)
+    assert content(body) == "tok0 tok1"
+    last = json.loads(frames(body)[-1])
+    assert set(last) == {"error"}
+    assert last["error"]["type"] == "server_error" and last["error"]["code"] == "engine_error"
+    assert "10.0.0.7" not in body and "Traceback" not in body
+    assert resp.headers["X-Request-ID"] in last["error"]["message"]
+    assert "[DONE]" not in frames(body)
+    job_id = chunks(body)[0]["id"].removeprefix("chatcmpl-")
+    record = _wait_for_status(redis_client, job_id, JobStatus.FAILED)
+    assert (record.prompt_tokens, record.completion_tokens) == (3, 2)  # 3 words, 2 tokens
+
+
 def test_completions_buffered_and_streamed(client, auth):
     resp = client.post("/v1/completions", headers=auth,
                        json={"model": SCRIPTED_MODEL, "prompt": "hello there", "max_tokens": 3})
@@ -104,18 +163,24 @@ def test_prompt_too_long_is_400_and_worker_keeps_serving(client, auth):
 
 def test_queue_deadline_is_504_and_cancels(app, client, auth, redis_client):
     app.extensions["inferq"].settings.queue_timeout = 0.5
-    resp = client.post("/v1/chat/completions", headers=auth, json=chat("[[first_delay=3]]"))
+    marker = f"m{uuid.uuid4().hex}"
+    resp = client.post("/v1/chat/completions", headers=auth, json=chat(f"{marker} [[first_delay=3]]"))
     assert resp.status_code == 504
     assert resp.json["error"]["code"] == "timeout"
+    record = _wait_for_status(redis_client, _job_with_marker(redis_client, marker).id, JobStatus.CANCELLED)
+    assert record.completion_tokens == 0
 
 
-def test_idle_deadline_ends_stream_with_error_event(app, client, auth):
+def test_idle_deadline_ends_stream_with_error_event_and_cancels(app, client, auth, redis_client):
     app.extensions["inferq"].settings.idle_timeout = 0.5
     body = client.post("/v1/chat/completions", headers=auth,
                        json=chat("[[delay=2]]", max_tokens=3, stream=True)).get_data(as_text=True)
     last = json.loads(frames(body)[-1])
     assert last["error"]["code"] == "timeout"
     assert "[DONE]" not in frames(body)
+    job_id = chunks(body)[0]["id"].removeprefix("chatcmpl-")
+    record = _wait_for_status(redis_client, job_id, JobStatus.CANCELLED)
+    assert record.completion_tokens is not None and record.completion_tokens < 3
 
 
 def test_client_disconnect_cancels_job(client, auth, redis_client):

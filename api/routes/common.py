@@ -58,4 +58,4 @@ def respond(result: BaseModel | ErrorResponse | Iterator[str], status: int = 200
     if isinstance(result, BaseModel):
         return Response(result.model_dump_json(), status=status, mimetype="application/json")
     return Response(result, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
