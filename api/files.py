@@ -2,13 +2,16 @@
 
 A file's content lives in ``FILES_DIR`` as ``<id>.jsonl`` and its owner and metadata in
 the ``files`` table. Content is written to a temporary file in ``FILES_DIR`` first and
-renamed into place, so a file's name only ever holds complete content. Every lookup is
-by owner: another key's file looks missing. No Flask here: batches use it outside requests.
+renamed into place, so a file's name only ever holds complete content. An HTTP upload is
+streamed into that temporary file as it arrives (:class:`UploadSpool`), so its bytes go to
+disk once and never through memory or the system temp dir. Every lookup is by owner:
+another key's file looks missing. No Flask here: batches use it outside requests.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import os
@@ -18,7 +21,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import and_, or_, select
 
@@ -27,6 +31,9 @@ from api.db import Database, StoredFile
 from api.file_checks import check_batch_input
 from api.protocol import ErrorResponse
 from config import Settings
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,61 @@ class FilePage:
     has_more: bool
 
 
+class SpooledUpload(io.BufferedRandom):
+    """One file part of an upload, written to a temporary file in ``FILES_DIR`` as it arrives."""
+
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "r+b"))
+        self.path = path
+        self._unyielded = 0
+
+    def write(self, buffer: ReadableBuffer, /) -> int:
+        """Write ``buffer``, pausing after each ``CHUNK_BYTES`` (see :func:`_cooperative`)."""
+        self._unyielded += len(memoryview(buffer))
+        if self._unyielded >= CHUNK_BYTES:
+            self._unyielded = 0
+            time.sleep(0)
+        return super().write(buffer)
+
+    def finish(self) -> int:
+        """Flush the part to disk; its size in bytes."""
+        _sync(self)
+        return os.fstat(self.fileno()).st_size
+
+
+class UploadSpool:
+    """A multipart parser's ``stream_factory`` that streams every file part into ``FILES_DIR``.
+
+    Use it as a context manager: leaving it closes the parts and removes those not stored, so an
+    upload that is rejected, too large or cut off by its client leaves nothing behind.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.parts: list[SpooledUpload] = []
+
+    def __call__(self, total_content_length: int | None, content_type: str | None,
+                 filename: str | None, content_length: int | None = None) -> IO[bytes]:
+        """A new temporary file in ``FILES_DIR`` for one file part (werkzeug's factory signature)."""
+        part = SpooledUpload(_temp_path(self.root))
+        self.parts.append(part)
+        return part
+
+    def close(self) -> None:
+        """Close every part and remove what :meth:`FileStore.save_upload` did not rename into place."""
+        for part in self.parts:
+            part.close()
+            part.path.unlink(missing_ok=True)
+        self.parts.clear()
+
+    def __enter__(self) -> UploadSpool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
 class FileStore:
     """Files on disk under ``FILES_DIR``, their rows in SQL."""
 
@@ -80,21 +142,31 @@ class FileStore:
         self.max_bytes = settings.max_file_bytes
         self.max_lines = settings.max_file_lines
 
+    def spool(self) -> UploadSpool:
+        """Somewhere to stream an upload's file parts: temporary files in ``FILES_DIR``."""
+        return UploadSpool(self.root)
+
     def save_upload(self, key_id: str, filename: str, purpose: str,
                     stream: IO[bytes]) -> StoredFileInfo | ErrorResponse:
-        """Store an upload read from ``stream`` in chunks, once its size and every line pass."""
+        """Store an upload once its size and every line pass.
+
+        A part of this store's :meth:`spool` is checked where it lies and renamed into place; any
+        other ``stream`` is first copied in chunks to a temporary file.
+        """
         if purpose not in UPLOAD_PURPOSES:
             return errors.invalid_request(f"Invalid purpose {purpose!r}: this server stores files with "
                                           "purpose 'batch' only.", "purpose")
         try:
-            return self._save_checked(key_id, filename, purpose, stream)
+            if isinstance(stream, SpooledUpload) and stream.path.parent == self.root:
+                return self._check_and_keep(stream.path, stream.finish(), key_id, filename, purpose)
+            return self._copy_and_check(key_id, filename, purpose, stream)
         except OSError:
             log.exception("could not store an upload in %s", self.root)
             return errors.error(500, "The server could not store the file.", "server_error")
 
     def create_output(self, key_id: str, filename: str, lines: Iterable[str]) -> StoredFileInfo:
         """Store server-made JSONL (one line per item, empty items skipped) as ``batch_output``."""
-        temp = self._temp_path()
+        temp = _temp_path(self.root)
         try:
             size = count = 0
             with temp.open("wb") as out:
@@ -154,13 +226,22 @@ class FileStore:
                 if raw.strip():
                     yield line_no, json.loads(raw)
 
-    def _save_checked(self, key_id: str, filename: str, purpose: str,
-                      stream: IO[bytes]) -> StoredFileInfo | ErrorResponse:
-        """Copy ``stream`` to a temporary file, check it, and keep it only if it passes."""
-        temp = self._temp_path()
+    def _copy_and_check(self, key_id: str, filename: str, purpose: str,
+                        stream: IO[bytes]) -> StoredFileInfo | ErrorResponse:
+        """Copy ``stream`` to a temporary file, then check it and keep it only if it passes."""
+        temp = _temp_path(self.root)
         try:
             size = _copy(stream, temp, self.max_bytes)
-            if size is None:
+            return self._check_and_keep(temp, size, key_id, filename, purpose)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _check_and_keep(self, temp: Path, size: int | None, key_id: str, filename: str,
+                        purpose: str) -> StoredFileInfo | ErrorResponse:
+        """Rename the upload at ``temp`` into place if its size and every line pass, reading it
+        from disk line by line; remove it otherwise. ``size`` is ``None`` past the limit."""
+        try:
+            if size is None or size > self.max_bytes:
                 return errors.error(413, f"The file is larger than {self.max_bytes} bytes, the most an "
                                     "upload may hold.", "invalid_request_error", "file_too_large", "file")
             with temp.open("rb") as lines:
@@ -170,13 +251,6 @@ class FileStore:
             return self._commit(temp, key_id, filename, purpose, size, count)
         finally:
             temp.unlink(missing_ok=True)
-
-    def _temp_path(self) -> Path:
-        """A new empty file in ``FILES_DIR`` (same filesystem, so the final rename is atomic)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=self.root, prefix=".part-", suffix=".jsonl")
-        os.close(handle)
-        return Path(name)
 
     def _commit(self, temp: Path, key_id: str, filename: str, purpose: str, size: int,
                 count: int) -> StoredFileInfo:
@@ -199,6 +273,14 @@ class FileStore:
 def _clean_name(filename: str) -> str:
     """A client's file name fit to store and to send back in a header: printable, and not too long."""
     return "".join(c for c in filename if c.isprintable())[:FILENAME_MAX] or "file"
+
+
+def _temp_path(root: Path) -> Path:
+    """A new empty file in ``root`` (``FILES_DIR``: same filesystem, so the final rename is atomic)."""
+    root.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=root, prefix=".part-", suffix=".jsonl")
+    os.close(handle)
+    return Path(name)
 
 
 def _copy(stream: IO[bytes], target: Path, max_bytes: int) -> int | None:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
+import tempfile
 import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -250,7 +254,7 @@ def test_uploads_may_exceed_max_request_bytes_other_requests_may_not(app_config,
     assert r.status_code == 413
 
 
-def test_body_without_length_is_cut_at_the_upload_limit(app_config, auth):
+def test_body_without_length_is_cut_at_the_upload_limit(app_config, auth, files_dir):
     """A chunked upload declares no length: werkzeug stops reading at the request's limit."""
     client = client_with(app_config, max_file_bytes=2048)
     boundary = "b0undary"
@@ -263,6 +267,129 @@ def test_body_without_length_is_cut_at_the_upload_limit(app_config, auth):
                     environ_overrides={"wsgi.input_terminated": True})
     assert r.status_code == 413
     assert set(r.json) == {"error"} and r.json["error"]["type"] == "invalid_request_error"
+    assert stored(files_dir) == []  # the part spooled before the cut is gone
+
+
+# --- uploads are streamed into FILES_DIR ------------------------------------------------
+
+BOUNDARY = "inferq-test-boundary"
+
+
+def big_lines(count: int, prompt_bytes: int = 1000) -> list[dict[str, object]]:
+    return [request_line(f"r{i}", body={"model": "m", "prompt": "p" * prompt_bytes}) for i in range(count)]
+
+
+def write_body(path: Path, lines: list[dict[str, object]], tail: bytes = b"") -> Path:
+    """A multipart upload body in a file (so the client holds none of it in memory), the file
+    part holding ``lines`` as JSONL, then ``tail``."""
+    with path.open("wb") as out:
+        out.write(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+                  f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+                  "Content-Type: application/octet-stream\r\n\r\n".encode())
+        for line in lines:
+            out.write(jsonl(line))
+        out.write(tail + f"\r\n--{BOUNDARY}--\r\n".encode())
+    return path
+
+
+class Body(io.FileIO):
+    """A request body read from disk that calls ``midway`` once, when the parser is halfway through."""
+
+    def __init__(self, path: Path, midway: Callable[[], None] = lambda: None):
+        super().__init__(path, "rb")
+        self.half = path.stat().st_size // 2
+        self.midway: Callable[[], None] | None = midway
+
+    def read(self, size: int = -1) -> bytes:
+        self._check()
+        return super().read(size)
+
+    def readinto(self, buffer) -> int:  # werkzeug's LimitedStream reads this way
+        self._check()
+        return super().readinto(buffer)
+
+    def _check(self) -> None:
+        if self.midway is not None and self.tell() >= self.half:
+            self.midway, midway = None, self.midway
+            midway()
+
+
+def post_body(client, body: Body, headers: dict[str, str], content_length: int | None = None):
+    size = os.fstat(body.fileno()).st_size
+    return client.post("/v1/files", input_stream=body, headers=headers,
+                       content_length=size if content_length is None else content_length,
+                       content_type=f"multipart/form-data; boundary={BOUNDARY}")
+
+
+def parts_in(files_dir: Path) -> dict[str, tuple[int, int]]:
+    """The temporary files in FILES_DIR: name -> (inode, size)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_size) for p in files_dir.glob(".part-*")}
+
+
+def test_upload_is_streamed_into_files_dir_and_renamed_never_via_the_system_temp_dir(
+        client, auth, files_dir, tmp_path, monkeypatch):
+    lines = big_lines(1000)  # about 1 MB: werkzeug's own parsing would spill it to the system temp dir
+    path = write_body(tmp_path / "body", lines)
+    seen: list[dict[str, tuple[int, int]]] = []
+    # Any temporary file made without a directory now fails: the system temp dir does not exist.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-system-temp-dir"))
+    with Body(path, lambda: seen.append(parts_in(files_dir))) as body:
+        r = post_body(client, body, auth)
+    assert r.status_code == 200, r.json
+    assert r.json["bytes"] == len(jsonl(*lines))
+
+    assert len(seen) == 1 and len(seen[0]) == 1  # halfway through, one part was being written
+    [(inode, size_midway)] = seen[0].values()
+    assert 0 < size_midway < r.json["bytes"]
+    final = files_dir / f"{r.json['id']}.jsonl"
+    assert stored(files_dir) == [final.name]
+    assert final.stat().st_ino == inode  # that very file, renamed: the upload was written once
+    assert final.read_bytes() == jsonl(*lines)
+
+
+def test_rejected_upload_leaves_nothing_in_files_dir(client, auth, files_dir, tmp_path):
+    path = write_body(tmp_path / "body", big_lines(1000), tail=b'{"custom_id": "late"\n')
+    seen: list[dict[str, tuple[int, int]]] = []
+    with Body(path, lambda: seen.append(parts_in(files_dir))) as body:
+        r = post_body(client, body, auth)
+    assert r.status_code == 400
+    assert r.json["error"]["code"] == "invalid_file"
+    assert r.json["error"]["message"].startswith("line 1001: not valid JSON")
+    assert len(seen[0]) == 1  # spooled into FILES_DIR ...
+    assert stored(files_dir) == []  # ... and removed once refused
+    assert client.get("/v1/files", headers=auth).json["data"] == []
+
+
+def test_upload_cut_off_by_its_client_leaves_nothing_in_files_dir(client, auth, files_dir, tmp_path):
+    path = write_body(tmp_path / "body", big_lines(1000))
+    declared = path.stat().st_size
+    os.truncate(path, declared // 2)  # the client goes away halfway through the file part
+    seen: list[dict[str, tuple[int, int]]] = []
+    with Body(path, lambda: seen.append(parts_in(files_dir))) as body:
+        r = post_body(client, body, auth, content_length=declared)
+    assert r.status_code == 400
+    assert len(seen[0]) == 1
+    assert stored(files_dir) == []
+
+
+def test_upload_memory_does_not_grow_with_the_file(client, auth, tmp_path):
+    upload(client, jsonl(request_line()), auth)  # warm up: one-time allocations of the first upload
+    lines = big_lines(18_000)
+    path = write_body(tmp_path / "body", lines)
+    size = len(jsonl(*lines))
+    del lines
+    assert size > 18 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        with Body(path) as body:
+            r = post_body(client, body, auth)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200, r.json
+    assert r.json["bytes"] == size
+    # about 2 MiB, mostly the custom_ids validation keeps (at most MAX_FILE_LINES of them)
+    assert peak < 4 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB upload"
 
 
 def test_storage_failure_is_a_500_naming_the_request_id(app_config, auth, tmp_path):

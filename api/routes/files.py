@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, g, request, send_file
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.formparser import FormDataParser
 
 from api import errors, file_serving
 from api.auth import require_api_key
 from api.extensions import services
+from api.files import UploadSpool
 from api.protocol import ErrorResponse
 from api.routes.common import respond
 
@@ -17,10 +20,27 @@ bp = Blueprint("files", __name__, url_prefix="/v1")
 @require_api_key
 def create() -> Response:
     """Store a multipart upload (fields ``file`` and ``purpose``); its lines are checked first."""
-    upload = request.files.get("file")
-    return respond(file_serving.upload_file(
-        services().files, g.principal, upload.filename if upload else None, request.form.get("purpose"),
-        upload.stream if upload else None))
+    store = services().files
+    with store.spool() as spool:  # removes the parts not stored, whatever ends the request
+        form, uploads = parse_upload(spool)
+        upload = uploads.get("file")
+        return respond(file_serving.upload_file(
+            store, g.principal, upload.filename if upload else None, form.get("purpose"),
+            upload.stream if upload else None))
+
+
+def parse_upload(spool: UploadSpool) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage]]:
+    """The request's form fields and file parts, each file part streamed into ``spool``.
+
+    Not ``request.files``: werkzeug would keep a part in memory, then in the system temp dir,
+    and the store would copy it again. The request's limits apply as they would there.
+    """
+    parser = FormDataParser(spool, max_form_memory_size=request.max_form_memory_size,
+                            max_content_length=request.max_content_length,
+                            max_form_parts=request.max_form_parts, cls=MultiDict)
+    _, form, files = parser.parse(request.stream, request.mimetype, request.content_length,
+                                  request.mimetype_params)
+    return form, files
 
 
 @bp.get("/files")
