@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -63,3 +64,25 @@ def test_placeholder_keys_draw_a_startup_warning(app_config: dict, caplog: pytes
     assert warnings == ["API_KEYS holds 1 placeholder or short key(s): replace them before exposing "
                         "this server"]
     assert "dev-key-1" not in caplog.text  # the key itself is never logged
+
+
+@pytest.mark.parametrize(("gpus", "tp", "visible", "tp_size"), [
+    ("1,2", None, "1,2", 2),   # one engine spans the GPUs it is given
+    ("3", None, "3", 1),
+    ("0,1,2,3", 2, "0,1,2,3", 2),  # an explicit --tp wins
+])
+def test_gpus_option_pins_the_worker(monkeypatch: pytest.MonkeyPatch, gpus: str, tp: int | None,
+                                     visible: str, tp_size: int) -> None:
+    from config import get_settings
+    from workers.cli import apply_worker_options
+
+    for name in ("GPU_IDS", "TP_SIZE", "CUDA_VISIBLE_DEVICES", "ENGINE", "WORKER_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        settings = apply_worker_options(gpus, tp, "scripted", None)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
+        assert settings.tp_size == tp_size
+        assert settings.gpu_ids == visible
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()

@@ -14,7 +14,7 @@ from typing import Any
 import click
 from celery.signals import worker_shutting_down
 
-from config import get_settings
+from config import Settings, get_settings
 from workers.model_prep import DEFAULT_MODEL_DIR, ModelPrepError, find_packaged_gguf, prepare_from_gguf
 
 
@@ -22,6 +22,26 @@ def _configure_logging(level: str, log_format: str = "text") -> None:
     from config import logs
 
     logs.configure(level, log_format, replace=True)
+
+
+def apply_worker_options(gpus: str | None, tp: int | None, engine: str | None,
+                         metrics_port: int | None) -> Settings:
+    """Fold the worker's options into the environment and settings, and pin its GPUs.
+
+    ``--gpus 1,2`` sets ``CUDA_VISIBLE_DEVICES=1,2`` (before vLLM and torch are imported,
+    which read it once) and, without ``--tp``, a tensor-parallel size of 2.
+    """
+    if gpus is not None:
+        os.environ["GPU_IDS"] = gpus
+        if tp is None:  # one engine spans all the GPUs it is given
+            tp = len([g for g in gpus.split(",") if g.strip()])
+    overrides = {"TP_SIZE": tp, "ENGINE": engine, "WORKER_METRICS_PORT": metrics_port}
+    os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
+    get_settings.cache_clear()
+    settings = get_settings()
+    if settings.gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpu_ids
+    return settings
 
 
 @click.command("worker")
@@ -41,17 +61,7 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
     threads pool with one slot per engine sequence consumes the queue of the
     served model, so vLLM batches all running jobs together.
     """
-    if gpus is not None:
-        os.environ["GPU_IDS"] = gpus
-        if tp is None:  # one engine spans all the GPUs it is given
-            tp = len([g for g in gpus.split(",") if g.strip()])
-    overrides = {"TP_SIZE": tp, "ENGINE": engine, "WORKER_METRICS_PORT": metrics_port}
-    os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
-    get_settings.cache_clear()
-    settings = get_settings()
-    if settings.gpu_ids:
-        # Must happen before vLLM (and torch) are imported below.
-        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpu_ids
+    settings = apply_worker_options(gpus, tp, engine, metrics_port)
     _configure_logging(loglevel, settings.log_format)
     from config import tracing
 
