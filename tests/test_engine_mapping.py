@@ -71,18 +71,21 @@ def test_placeholder_keys_draw_a_startup_warning(app_config: dict, caplog: pytes
     ("3", None, "3", 1),
     ("0,1,2,3", 2, "0,1,2,3", 2),  # an explicit --tp wins
 ])
-def test_gpus_option_pins_the_worker(monkeypatch: pytest.MonkeyPatch, gpus: str, tp: int | None,
-                                     visible: str, tp_size: int) -> None:
+def test_gpus_option_pins_the_worker(gpus: str, tp: int | None, visible: str, tp_size: int) -> None:
     from config import get_settings
     from workers.cli import apply_worker_options
 
+    saved = dict(os.environ)  # the function writes os.environ directly; restore all of it
     for name in ("GPU_IDS", "TP_SIZE", "CUDA_VISIBLE_DEVICES", "ENGINE", "WORKER_METRICS_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        os.environ.pop(name, None)
     try:
         settings = apply_worker_options(gpus, tp, "scripted", None)
         assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
         assert settings.tp_size == tp_size
         assert settings.gpu_ids == visible
     finally:
-        monkeypatch.undo()
+        os.environ.clear()
+        os.environ.update(saved)
         get_settings.cache_clear()
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] == saved.get(
+        "CUDA_VISIBLE_DEVICES")
