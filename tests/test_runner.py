@@ -130,3 +130,29 @@ def test_a_worker_finishing_a_job_the_api_already_failed_publishes_no_second_end
     assert [type(e) for e in received] == [events.Error]
     record = jobs.get(redis_client, job_id)
     assert record is not None and record.status is JobStatus.FAILED
+
+
+class RecordingPriorities(ScriptedEngine):
+    """Records the engine priority each request was submitted at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.priorities: dict[str, int] = {}
+
+    def stream(self, request_id: str, params: GenerationParams, admit: Any = None,
+               priority: int = 0) -> Iterator[Any]:
+        self.priorities[request_id] = priority
+        yield from super().stream(request_id, params, admit, priority)
+
+
+def test_batch_work_reaches_the_engine_behind_interactive_work(redis_client: redis.Redis) -> None:
+    """vLLM's priority scheduler runs lower values first: chat at 0, batch lines at 1."""
+    engine = RecordingPriorities()
+    runner = JobRunner(engine, redis_client, "w-test", TTL)
+    params = GenerationParams(kind="completion", model="m", prompt="go", max_tokens=2)
+    chat_id, batch_id = jobs.new_job_id(), jobs.new_job_id()
+    for job_id in (chat_id, batch_id):
+        jobs.create(redis_client, JobRecord(id=job_id, params=params), TTL)
+    runner.run(chat_id, params)
+    runner.run_batch(batch_id, params.to_dict(), {"request_id": "r-1"})
+    assert engine.priorities == {chat_id: 0, batch_id: 1}
