@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,17 @@ class Ledger:
             pipe.xdel(keys.USAGE_STREAM, *ids)  # in SQL now; the ledger group is the stream's only reader
             pipe.execute()
             return len(entries)
+
+    def catch_up(self, timeout: float = 1.0) -> None:
+        """Drain, then wait (up to ``timeout``) while other API processes still write entries
+        they have read: /v1/usage then includes every usage settled before it was called."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain()
+            pending: Any = self.redis.xpending(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP)
+            if not pending["pending"] or time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
 
     def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:
         self._ensure_group()

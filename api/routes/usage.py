@@ -51,7 +51,7 @@ def usage() -> Response:
         return errors.to_response(span)
     svc, principal = services(), g.principal
     try:
-        svc.ledger.drain()  # read-your-writes: include usage settled a moment ago
+        svc.ledger.catch_up()  # read-your-writes: include usage settled a moment ago, on any API host
         today = metering.quota_day()
         quota = _quota(principal, today)
     except redis.RedisError:
