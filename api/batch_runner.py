@@ -1,13 +1,18 @@
 """Runs batches: dispatches input lines as batch-queue jobs, collects finished lines,
-and finalizes the output and error files.
+and ends batches (completed, cancelled or expired) with their output and error files.
 
-Dispatch runs on a background thread of the API process that created the batch,
-which holds a short Redis lease on it while it works. If that process dies, another
-API process finds the batch undispatched with no lease and resumes it: lines with a
-result are skipped, and job creation is idempotent per line, so no line runs twice.
+Every step that changes a batch as a whole (dispatching, expiring, finalizing) is
+done by whoever holds the batch's short Redis lease. Dispatch runs on a background
+thread of the API process that created the batch, renewing the lease while it
+works. If that process dies, another API process's resumer finds the batch with no
+lease and takes it over: it resumes the dispatch (lines with a result are skipped,
+and job creation is idempotent per line, so no line runs twice), winds a cancelled
+batch down, expires one past its window, or finalizes one whose finalizer died.
+
 Collection rides on the usage stream: every finished job's terminal transition
 appends an entry naming its batch, and whichever API process drains that entry
-records the line (once per custom_id) and finalizes the batch after its last line.
+records the line in SQL (once per custom_id), appends it to the batch's output or
+error file (:mod:`api.batch_outputs`), and finalizes the batch after its last line.
 """
 
 from __future__ import annotations
@@ -15,10 +20,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
-import socket
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,33 +31,45 @@ from pydantic import ValidationError
 
 from api import errors
 from api.auth import Principal
+from api.batch_lease import BatchLease
+from api.batch_lines import (
+    CANCELLED,
+    EXPIRED,
+    line_job_id,
+    line_result,
+    line_seq,
+    lost_result,
+    output_line,
+    unrun_line,
+)
+from api.batch_outputs import BatchOutputs
 from api.batch_store import Batch, BatchStore, LineResult, now
 from api.files import FileStore
 from api.gateway import Gateway, Payer
-from api.job_serving import REQUEST_MODELS, job_object
+from api.job_serving import REQUEST_MODELS
 from api.protocol import ErrorResponse
-from queueing import jobs, keys
-from queueing.jobs import JobRecord, JobStatus
+from queueing import jobs
+from queueing.jobs import JobStatus
 
 log = logging.getLogger(__name__)
 
-CANCEL_CHECK_EVERY = 50  # lines dispatched between two looks at the batch's status
-LEASE_SECONDS = 30  # a dispatcher that stops renewing its lease this long is presumed dead
+CHECK_EVERY = 50  # lines dispatched between two looks at the batch's status and window
+SAVE_EVERY = 100  # lines dispatched between two saves of the count (a resumer probes past it)
+RECORD_CHUNK = 500  # expired lines recorded per transaction
 RENEW_EVERY = 5.0
 RESUME_EVERY = 10.0
+OPEN = ("validating", "in_progress")  # statuses a batch may be dispatched, cancelled or expired in
 
 
-def line_job_id(batch_id: str, seq: int) -> str:
-    """The job id of a batch's ``seq``-th dispatched line (1-based)."""
-    return f"{batch_id}-{seq}"
+def is_due(batch: Batch) -> bool:
+    """Whether the batch is still open past its completion window."""
+    return batch.status in OPEN and now() >= batch.expires_at
 
 
-def output_line(custom_id: str, request_id: str, status_code: int, body: dict[str, Any] | None,
-                error: dict[str, Any] | None = None) -> str:
-    """One line of an output or error file, in OpenAI's format."""
-    response = None if body is None else {"status_code": status_code, "request_id": request_id, "body": body}
-    return json.dumps({"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": response,
-                       "error": error}, separators=(",", ":"))
+def ready_to_end(batch: Batch) -> bool:
+    """Whether every dispatched line of a batch that has not ended has settled."""
+    return (batch.status in ("in_progress", "finalizing", "cancelling") and batch.dispatch_done
+            and batch.completed + batch.failed >= batch.dispatched)
 
 
 class BatchRunner:
@@ -63,58 +79,75 @@ class BatchRunner:
         self.store = store
         self.files = files
         self.gateway = gateway
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.outputs = BatchOutputs(files, store)
+        self.lease = BatchLease(gateway.redis)
 
     # --- dispatch -----------------------------------------------------------
 
     def start(self, batch: Batch, payer: Payer, may_use: Any) -> None:
         """Dispatch ``batch`` in the background (its lines log the creating request's id)."""
-        if self._take_lease(batch.id):  # else another process dispatches it
-            self._spawn_dispatch(batch.id, payer, may_use)
+        token = self.lease.take(batch.id)
+        if token is not None:  # else another process dispatches it
+            self._spawn_dispatch(batch.id, token, payer, may_use)
 
-    def _spawn_dispatch(self, batch_id: str, payer: Payer, may_use: Any) -> None:
+    def _spawn_dispatch(self, batch_id: str, token: str, payer: Payer, may_use: Any) -> None:
         """Dispatch on a daemon thread that keeps the caller's context (its request id)."""
         context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(self._dispatch_safely, batch_id, payer, may_use),
+        threading.Thread(target=context.run, args=(self._dispatch_safely, batch_id, token, payer, may_use),
                          name=f"dispatch-{batch_id}", daemon=True).start()
 
-    def _dispatch_safely(self, batch_id: str, payer: Payer, may_use: Any) -> None:
+    def _dispatch_safely(self, batch_id: str, token: str, payer: Payer, may_use: Any) -> None:
         try:
-            self.dispatch(batch_id, payer, may_use)
+            self.dispatch(batch_id, token, payer, may_use)
         except redis.RedisError:  # the lease lapses and a live API process resumes the batch
             log.exception("batch %s: dispatch interrupted (Redis unavailable)", batch_id)
         except Exception:  # noqa: BLE001 - the batch fails rather than hangs
             log.exception("batch %s: dispatch failed", batch_id)
             self._fail(batch_id, "dispatch_failed", "The batch could not be dispatched.")
+            self.lease.release(batch_id, token)
 
-    def dispatch(self, batch_id: str, payer: Payer, may_use: Any) -> None:
-        """Queue every line of the input file as a batch job, unless the batch is cancelled."""
+    def dispatch(self, batch_id: str, token: str, payer: Payer, may_use: Any) -> None:
+        """Queue every line of the input file as a batch job, until the batch is cancelled or due.
+
+        The caller holds the batch's lease (``token``); this lets go of it.
+        """
         batch = self.store.get(batch_id)
         info = self.files.get(batch.key_id, batch.input_file_id) if batch else None
         if batch is None or info is None:
             raise RuntimeError("batch or its input file vanished")
         self.store.update(batch_id, only_if_status=("validating",), status="in_progress",
                           in_progress_at=now())
+        self.outputs.prepare(batch_id)
         finished = self.store.recorded(batch_id)  # none, unless resuming a dead dispatcher's batch
         seq = 0
         renewed = time.monotonic()
         for line_no, line in self.files.iter_lines(info):
-            if seq % CANCEL_CHECK_EVERY == 0 and self._cancelling(batch_id):
+            if seq % CHECK_EVERY == 0 and not self._may_dispatch(batch_id):
                 break
             if time.monotonic() - renewed > RENEW_EVERY:
-                self._renew_lease(batch_id)
+                self.lease.renew(batch_id, token)
                 renewed = time.monotonic()
             seq += 1
             if str(line.get("custom_id")) in finished:
                 continue
             failure = self._submit(batch, payer, may_use, seq, line_no, line)
             if failure is not None:
-                self.store.record(failure)
-            if seq % 100 == 0:
+                self.outputs.settle([failure])
+            if seq % SAVE_EVERY == 0:
                 self.store.update(batch_id, dispatched=seq)
-        self.store.update(batch_id, dispatched=seq, dispatch_done=True)
-        self.gateway.redis.delete(keys.batch_dispatcher(batch_id))
-        if self._cancelling(batch_id):
+        self._end_dispatch(batch_id, token, seq)
+
+    def _end_dispatch(self, batch_id: str, token: str, dispatched: int) -> None:
+        """Expire the batch if it is due; else mark it dispatched and end it once its lines settle."""
+        try:
+            batch = self.store.get(batch_id)
+            if batch is not None and is_due(batch):
+                self._expire(batch, dispatched)
+                return
+            self.store.update(batch_id, dispatched=dispatched, dispatch_done=True)
+        finally:
+            self.lease.release(batch_id, token)
+        if self._status(batch_id) == "cancelling":
             self.cancel_outstanding(batch_id)
         self.maybe_finalize(batch_id)
 
@@ -143,31 +176,81 @@ class BatchRunner:
         line = output_line(custom_id, job_id, err.status_code, err.model_dump())
         return LineResult(batch_id, custom_id, line_no, ok=False, line=line)
 
-    # --- leases and resumption -------------------------------------------------
+    def _may_dispatch(self, batch_id: str) -> bool:
+        batch = self.store.get(batch_id)
+        return batch is not None and batch.status in OPEN and not is_due(batch)
 
-    def _take_lease(self, batch_id: str) -> bool:
-        return bool(self.gateway.redis.set(keys.batch_dispatcher(batch_id), self.owner, nx=True,
-                                           ex=LEASE_SECONDS))
+    def _status(self, batch_id: str) -> str | None:
+        batch = self.store.get(batch_id)
+        return batch.status if batch is not None else None
 
-    def _renew_lease(self, batch_id: str) -> None:
-        self.gateway.redis.set(keys.batch_dispatcher(batch_id), self.owner, ex=LEASE_SECONDS)
+    def _fail(self, batch_id: str, code: str, message: str) -> None:
+        error = {"code": code, "message": message}
+        self.store.update(batch_id, status="failed", failed_at=now(), dispatch_done=True,
+                          errors_json=json.dumps({"object": "list", "data": [error]}))
+        self.outputs.discard(batch_id)  # a failed batch has no output files
+
+    # --- resumption ---------------------------------------------------------
 
     def resume_orphaned(self, principal_for: Callable[[str], Principal | None]) -> int:
-        """Take over batches whose dispatcher died (no lease, lines left); returns how many."""
+        """Take over the batches nobody holds; returns how many dispatches it resumed.
+
+        A batch past its window expires; one whose dispatcher died is dispatched
+        again, or, when it was cancelled meanwhile, wound down; one whose lines all
+        settled (a finalizer died, or it never got the lease) is finalized.
+        """
         resumed = 0
-        for batch in self.store.undispatched():
-            if not self._take_lease(batch.id):
+        for listed in self.store.unfinished():
+            token = self.lease.take(listed.id)
+            if token is None:
                 continue
-            payer = principal_for(batch.key_id)
-            if payer is None:
-                log.warning("batch %s: its key is gone; failing it", batch.id)
-                self._fail(batch.id, "key_revoked",
-                           "The batch's API key was revoked before all its lines were dispatched.")
+            batch = self.store.get(listed.id)  # as it is now that nobody else may change it
+            if batch is None:
+                self.lease.release(listed.id, token)
                 continue
-            log.warning("batch %s: its dispatcher stopped; resuming the dispatch", batch.id)
-            self._spawn_dispatch(batch.id, payer, payer.may_use)
-            resumed += 1
+            if batch.status in OPEN and not batch.dispatch_done and not is_due(batch):
+                resumed += self._resume_dispatch(batch, token, principal_for)
+                continue
+            try:
+                if is_due(batch):
+                    self._expire(batch)
+                elif batch.status == "cancelling" and not batch.dispatch_done:
+                    log.warning("batch %s: its dispatcher stopped while it was cancelled; winding it down",
+                                batch.id)
+                    self.store.update(batch.id, dispatched=self._last_dispatched(batch), dispatch_done=True)
+                    self.cancel_outstanding(batch.id)
+            finally:
+                self.lease.release(batch.id, token)
+            self.maybe_finalize(batch.id)
         return resumed
+
+    def _resume_dispatch(self, batch: Batch, token: str,
+                         principal_for: Callable[[str], Principal | None]) -> bool:
+        payer = principal_for(batch.key_id)
+        if payer is None:
+            log.warning("batch %s: its key is gone; failing it", batch.id)
+            self._fail(batch.id, "key_revoked",
+                       "The batch's API key was revoked before all its lines were dispatched.")
+            self.lease.release(batch.id, token)
+            return False
+        log.warning("batch %s: its dispatcher stopped; resuming the dispatch", batch.id)
+        self._spawn_dispatch(batch.id, token, payer, payer.may_use)
+        return True
+
+    def _last_dispatched(self, batch: Batch) -> int:
+        """How many lines a dead dispatcher walked: its saved count, and any it walked since."""
+        info = self.files.get(batch.key_id, batch.input_file_id)
+        if info is None:
+            return batch.dispatched
+        finished, last = self.store.recorded(batch.id), batch.dispatched
+        for seq, (_, line) in enumerate(self.files.iter_lines(info), start=1):
+            if seq > batch.dispatched + SAVE_EVERY:
+                break
+            walked = str(line.get("custom_id")) in finished or jobs.get(
+                self.gateway.redis, line_job_id(batch.id, seq)) is not None
+            if seq > batch.dispatched and walked:
+                last = seq
+        return last
 
     def start_resumer(self, principal_for: Callable[[str], Principal | None]) -> threading.Event:
         """Check for orphaned batches every few seconds on a daemon thread; set the event to stop."""
@@ -183,31 +266,11 @@ class BatchRunner:
         threading.Thread(target=loop, name="batch-resumer", daemon=True).start()
         return stop
 
-    def _fail(self, batch_id: str, code: str, message: str) -> None:
-        error = {"code": code, "message": message}
-        self.store.update(batch_id, status="failed", failed_at=now(), dispatch_done=True,
-                          errors_json=json.dumps({"object": "list", "data": [error]}))
-
-    def _cancelling(self, batch_id: str) -> bool:
-        batch = self.store.get(batch_id)
-        return batch is not None and batch.status == "cancelling"
-
-    # --- cancel ---------------------------------------------------------------
+    # --- cancel and expiry ------------------------------------------------------
 
     def cancel(self, batch: Batch) -> None:
         """Stop dispatching; cancel queued lines and abort running ones; keep finished ones."""
-        self._wind_down(batch, cancelling_at=now())
-
-    def expire_if_due(self, batch: Batch) -> Batch:
-        """End a batch that outlived its completion window (it finishes as ``expired``)."""
-        if batch.status in ("validating", "in_progress") and now() >= batch.expires_at:
-            self._wind_down(batch, expired_at=now())
-            return self.store.get(batch.id) or batch
-        return batch
-
-    def _wind_down(self, batch: Batch, **stamp: int) -> None:
-        if not self.store.update(batch.id, only_if_status=("validating", "in_progress"),
-                                 status="cancelling", **stamp):
+        if not self.store.update(batch.id, only_if_status=OPEN, status="cancelling", cancelling_at=now()):
             return
         fresh = self.store.get(batch.id)
         if fresh is not None and fresh.dispatch_done:  # else the dispatcher cancels when it stops
@@ -215,6 +278,7 @@ class BatchRunner:
             self.maybe_finalize(batch.id)
 
     def cancel_outstanding(self, batch_id: str) -> None:
+        """Cancel every dispatched line's job (finished ones stay as they are)."""
         batch = self.store.get(batch_id)
         if batch is None:
             return
@@ -222,73 +286,138 @@ class BatchRunner:
         for seq in range(1, batch.dispatched + 1):
             jobs.request_cancel(self.gateway.redis, line_job_id(batch_id, seq), ttl)
 
+    def expire_if_due(self, batch: Batch) -> Batch:
+        """End a batch that outlived its completion window as ``expired`` (unless its lease
+        holder is busy with it: a dispatcher expires it itself within a few lines)."""
+        if not is_due(batch):
+            return batch
+        token = self.lease.take(batch.id)
+        if token is None:
+            return batch
+        try:
+            fresh = self.store.get(batch.id)
+            if fresh is not None and is_due(fresh):
+                self._expire(fresh)
+        finally:
+            self.lease.release(batch.id, token)
+        return self.store.get(batch.id) or batch
+
+    def _expire(self, batch: Batch, dispatched: int | None = None) -> None:
+        """With the lease held: cancel the lines not done, give each an error line
+        (``batch_expired``), and end the batch as ``expired`` with its files, in one update."""
+        self.outputs.prepare(batch.id)  # for a batch no dispatcher ever started
+        info = self.files.get(batch.key_id, batch.input_file_id)
+        lines = self.files.iter_lines(info) if info is not None else iter(())
+        if dispatched is None:  # a dead dispatcher may have sent up to SAVE_EVERY lines past its count
+            dispatched = batch.dispatched + (0 if batch.dispatch_done else SAVE_EVERY)
+        finished, ttl, pending = self.store.recorded(batch.id), self.gateway.settings.job_ttl, []
+        seq = 0
+        for seq, (line_no, line) in enumerate(lines, start=1):
+            custom_id = str(line.get("custom_id"))
+            if custom_id in finished:
+                continue
+            job_id = line_job_id(batch.id, seq)
+            if seq <= dispatched:
+                jobs.request_cancel(self.gateway.redis, job_id, ttl)
+            pending.append(unrun_line(batch.id, custom_id, line_no, job_id, EXPIRED))
+            if len(pending) >= RECORD_CHUNK:
+                self.outputs.settle(pending)
+                pending = []
+        self.outputs.settle(pending)
+        files = self._seal(batch)
+        # Expiry wins over a cancel that came in meanwhile (cancelling takes no lease).
+        self.store.update(batch.id, only_if_status=(*OPEN, "cancelling"), status="expired", expired_at=now(),
+                          dispatch_done=True, dispatched=max(seq, batch.dispatched), **files)
+        log.info("batch %s expired", batch.id)
+
     # --- collection -----------------------------------------------------------
 
     def on_settled(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        """Record finished batch lines (a hook of the usage ledger's drain)."""
-        touched = set()
+        """Record finished batch lines (a hook of the usage ledger's drain).
+
+        A line whose job record expired before it was drained is recorded as failed,
+        so its batch still ends.
+        """
+        results: list[LineResult] = []
+        lost: dict[str, dict[int, dict[str, str]]] = defaultdict(dict)  # batch id -> seq -> entry
         stopped: dict[str, dict[str, str]] = {}  # batch id -> why its cancelled lines stopped
         for _, fields in entries:
             if fields.get("batch_id"):
                 record = jobs.get(self.gateway.redis, fields["job_id"])
                 if record is not None and record.batch_id and record.custom_id:
-                    self.store.record(self._line_result(record, stopped))
-                    touched.add(record.batch_id)
-        for batch_id in touched:
+                    if record.status is JobStatus.CANCELLED and record.batch_id not in stopped:
+                        stopped[record.batch_id] = self._stop_reason(record.batch_id)
+                    results.append(line_result(record, stopped.get(record.batch_id, CANCELLED)))
+                else:
+                    lost[fields["batch_id"]][line_seq(fields["job_id"])] = fields
+        for batch_id, by_seq in lost.items():
+            results += self._lost_results(batch_id, by_seq)
+        self.outputs.settle(results)
+        for batch_id in {result.batch_id for result in results}:
             self.maybe_finalize(batch_id)
-
-    def _line_result(self, record: JobRecord, stopped: dict[str, dict[str, str]]) -> LineResult:
-        assert record.batch_id and record.custom_id
-        line_no = record.batch_line or 0
-        usage = (record.prompt_tokens or 0, record.completion_tokens or 0)
-        job = job_object(record)
-        if record.status is JobStatus.SUCCEEDED and job.response is not None:
-            line = output_line(record.custom_id, record.id, 200, job.response)
-            return LineResult(record.batch_id, record.custom_id, line_no, True, line, *usage)
-        if record.status is JobStatus.CANCELLED:
-            if record.batch_id not in stopped:
-                stopped[record.batch_id] = self._stop_reason(record.batch_id)
-            line = output_line(record.custom_id, record.id, 0, None, stopped[record.batch_id])
-        else:
-            error = job.error.model_dump() if job.error else {"message": "failed", "type": "server_error"}
-            line = output_line(record.custom_id, record.id, record.error_status or 500, {"error": error})
-        return LineResult(record.batch_id, record.custom_id, line_no, False, line, *usage)
 
     def _stop_reason(self, batch_id: str) -> dict[str, str]:
         """The error of a line its batch stopped: expired, or cancelled."""
         batch = self.store.get(batch_id)
-        if batch is not None and batch.expired_at is not None:
-            return {"code": "batch_expired", "message": "The batch expired before this request ran."}
-        return {"code": "batch_cancelled", "message": "The batch was cancelled."}
+        return EXPIRED if batch is not None and batch.expired_at is not None else CANCELLED
+
+    def _lost_results(self, batch_id: str, by_seq: dict[int, dict[str, str]]) -> list[LineResult]:
+        """Failed lines for finished jobs whose records expired, found by their place in the input."""
+        batch = self.store.get(batch_id)
+        if batch is None:
+            return []
+        info = self.files.get(batch.key_id, batch.input_file_id)
+        named: dict[int, tuple[str, int]] = {}  # seq -> (custom_id, line number)
+        if info is not None:
+            for seq, (line_no, line) in enumerate(self.files.iter_lines(info), start=1):
+                if seq in by_seq:
+                    named[seq] = (str(line.get("custom_id")), line_no)
+                if len(named) == len(by_seq):
+                    break
+        results = []
+        for seq, fields in by_seq.items():
+            custom_id, line_no = named.get(seq, (fields["job_id"], 0))  # input deleted: the job id stands in
+            results.append(lost_result(batch_id, custom_id, line_no, fields))
+        return results
+
+    # --- finalization -------------------------------------------------------
 
     def maybe_finalize(self, batch_id: str) -> None:
-        """After the last line: write the output and error files and end the batch."""
-        batch = self.store.get(batch_id)
-        if batch is None or not batch.dispatch_done or batch.completed + batch.failed < batch.dispatched:
-            return
-        if batch.status == "cancelling":
-            if batch.expired_at:
-                ended = self.store.update(batch_id, only_if_status=("cancelling",), status="expired")
-            else:
-                ended = self.store.update(batch_id, only_if_status=("cancelling",), status="cancelled",
-                                          cancelled_at=now())
-            if not ended:
-                return
-        elif not self.store.update(batch_id, only_if_status=("in_progress",), status="finalizing",
-                                   finalizing_at=now()):
-            return  # another process is finalizing it, or it ended already
-        output_id = self._write(batch, ok=True)
-        error_id = self._write(batch, ok=False)
-        if batch.status == "cancelling":
-            self.store.update(batch_id, output_file_id=output_id, error_file_id=error_id)
-        else:
-            self.store.update(batch_id, output_file_id=output_id, error_file_id=error_id, status="completed",
-                              completed_at=now())
-        log.info("batch %s finished: %d completed, %d failed", batch_id, batch.completed, batch.failed)
+        """After the last line: seal the output and error files and end the batch.
 
-    def _write(self, batch: Batch, ok: bool) -> str | None:
-        lines = self.store.lines(batch.id, ok)
-        if not lines:
-            return None
-        name = f"{batch.id}_{'output' if ok else 'error'}.jsonl"
-        return self.files.create_output(batch.key_id, name, lines).id
+        Whoever holds the lease does it. A process that finds the lease held gives
+        up, and every holder calls this again after letting go, so a line that
+        settled meanwhile never leaves its batch waiting.
+        """
+        for _ in range(3):  # a status that changed under us, then the end
+            batch = self.store.get(batch_id)
+            if batch is None or not ready_to_end(batch):
+                return
+            token = self.lease.take(batch_id)
+            if token is None:
+                return
+            try:
+                self._finalize(batch_id)
+            finally:
+                self.lease.release(batch_id, token)
+
+    def _finalize(self, batch_id: str) -> None:
+        """With the lease held: end a batch whose lines all settled, files and status in one update."""
+        batch = self.store.get(batch_id)
+        if batch is None or not ready_to_end(batch):
+            return
+        if batch.status == "in_progress":
+            if not self.store.update(batch_id, only_if_status=("in_progress",), status="finalizing",
+                                     finalizing_at=now()):
+                return  # cancelled meanwhile: the caller looks again
+            batch.status = "finalizing"
+        end = ({"status": "cancelled", "cancelled_at": now()} if batch.status == "cancelling"
+               else {"status": "completed", "completed_at": now()})
+        self.store.update(batch_id, only_if_status=(batch.status,), **self._seal(batch), **end)
+        log.info("batch %s %s: %d completed, %d failed", batch_id, end["status"], batch.completed,
+                 batch.failed)
+
+    def _seal(self, batch: Batch) -> dict[str, str | None]:
+        """Seal the batch's output and error files: their ids, as the batch row names them."""
+        return {"output_file_id": self.outputs.seal(batch, ok=True),
+                "error_file_id": self.outputs.seal(batch, ok=False)}

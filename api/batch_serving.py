@@ -14,8 +14,8 @@ from api.protocol import (
     BatchList,
     BatchObject,
     BatchRequestCounts,
+    BatchUsage,
     ErrorResponse,
-    UsageInfo,
 )
 
 WINDOW_SECONDS = {"24h": 24 * 3600}
@@ -36,9 +36,12 @@ def create_batch(runner: BatchRunner, principal: Principal, request: BatchCreate
         return errors.invalid_request(f"The input file's requests are not for {request.endpoint}.",
                                       "endpoint")
     created = now()
+    body = first[1].get("body")
+    model = body.get("model") if isinstance(body, dict) else None
     batch = runner.store.add(Batch(
         id=f"batch_{secrets.token_hex(12)}", key_id=principal.key_id, input_file_id=info.id,
-        endpoint=request.endpoint, completion_window=request.completion_window, status="validating",
+        endpoint=request.endpoint, model=model if isinstance(model, str) else None,
+        completion_window=request.completion_window, status="validating",
         metadata_json=json.dumps(request.metadata) if request.metadata else None, total=info.line_count,
         dispatched=0, dispatch_done=False, completed=0, failed=0, prompt_tokens=0, completion_tokens=0,
         created_at=created, expires_at=created + WINDOW_SECONDS[request.completion_window],
@@ -53,10 +56,14 @@ def get_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> Batch
     return batch_object(runner.expire_if_due(batch)) if batch else _not_found(batch_id)
 
 
-def list_batches(runner: BatchRunner, principal: Principal, limit: int, after: str | None) -> BatchList:
-    """``GET /v1/batches``: newest first."""
-    rows, more = runner.store.page(principal.key_id, limit, after)
-    data = [batch_object(b) for b in rows]
+def list_batches(runner: BatchRunner, principal: Principal, limit: int,
+                 after: str | None) -> BatchList | ErrorResponse:
+    """``GET /v1/batches``: newest first, ``limit`` per page after the batch ``after``."""
+    page = runner.store.page(principal.key_id, limit, after)
+    if page is None:
+        return errors.invalid_request(f"No batch '{after}' to page after.", "after")
+    rows, more = page
+    data = [batch_object(runner.expire_if_due(b)) for b in rows]
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                      has_more=more)
 
@@ -66,15 +73,15 @@ def cancel_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> Ba
     batch = runner.store.get(batch_id, principal.key_id)
     if batch is None:
         return _not_found(batch_id)
-    runner.cancel(batch)
+    runner.cancel(runner.expire_if_due(batch))  # a batch past its window expired: no cancel
     fresh = runner.store.get(batch_id)
     return batch_object(fresh or batch)
 
 
 def batch_object(batch: Batch) -> BatchObject:
     """The wire form of a batch row."""
-    usage = UsageInfo(prompt_tokens=batch.prompt_tokens, completion_tokens=batch.completion_tokens,
-                      total_tokens=batch.prompt_tokens + batch.completion_tokens)
+    usage = BatchUsage(input_tokens=batch.prompt_tokens, output_tokens=batch.completion_tokens,
+                       total_tokens=batch.prompt_tokens + batch.completion_tokens)
     return BatchObject(
         id=batch.id, endpoint=batch.endpoint, input_file_id=batch.input_file_id,
         completion_window=batch.completion_window, status=batch.status,
@@ -84,7 +91,8 @@ def batch_object(batch: Batch) -> BatchObject:
         finalizing_at=batch.finalizing_at, completed_at=batch.completed_at, failed_at=batch.failed_at,
         expired_at=batch.expired_at, cancelling_at=batch.cancelling_at, cancelled_at=batch.cancelled_at,
         request_counts=BatchRequestCounts(total=batch.total, completed=batch.completed, failed=batch.failed),
-        metadata=json.loads(batch.metadata_json) if batch.metadata_json else None, usage=usage,
+        metadata=json.loads(batch.metadata_json) if batch.metadata_json else None, model=batch.model,
+        usage=usage,
     )
 
 

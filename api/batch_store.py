@@ -2,18 +2,25 @@
 
 A finished line is written once per ``(batch_id, custom_id)``: a redelivered
 result changes nothing, so counts and output files hold every line exactly once.
+The ``batch_results`` rows are the record of truth the output files are checked
+against (and rebuilt from) when a batch ends.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from api.db import Batch, BatchResult, Database
+
+#: Statuses of a batch that has not ended.
+RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+STREAM_ROWS = 500  # rows fetched at a time when streaming a batch's lines
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class BatchStore:
         self.db = db
 
     def add(self, batch: Batch) -> Batch:
+        """Insert a new batch row."""
         with self.db.sessions.begin() as session:
             session.add(batch)
         return batch
@@ -48,10 +56,16 @@ class BatchStore:
             return None
         return batch
 
-    def page(self, key_id: str, limit: int, after: str | None) -> tuple[list[Batch], bool]:
-        """The key's batches, newest first, after the batch ``after``; and whether more follow."""
+    def page(self, key_id: str, limit: int, after: str | None) -> tuple[list[Batch], bool] | None:
+        """The key's batches, newest first, after the batch ``after``; and whether more follow.
+
+        ``None`` when ``after`` names no batch of this key.
+        """
         query = select(Batch).where(Batch.key_id == key_id)
-        if after and (anchor := self.get(after, key_id)) is not None:
+        if after:
+            anchor = self.get(after, key_id)
+            if anchor is None:
+                return None
             query = query.where((Batch.created_at < anchor.created_at)
                                 | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id)))
         with self.db.sessions() as session:
@@ -68,38 +82,47 @@ class BatchStore:
         with self.db.sessions.begin() as session:
             return bool(session.execute(statement.values(**values)).rowcount)  # type: ignore[attr-defined]
 
-    def record(self, result: LineResult) -> bool:
-        """Store a finished line and count it, once; False if it was already there."""
+    def record(self, results: list[LineResult]) -> list[LineResult]:
+        """Store finished lines and count them, each once; returns those not stored before."""
         insert = pg_insert if self.db.engine.dialect.name == "postgresql" else sqlite_insert
-        row = insert(BatchResult).values(batch_id=result.batch_id, custom_id=result.custom_id,
-                                         line_no=result.line_no, ok=result.ok, line=result.line)
+        stored = []
         with self.db.sessions.begin() as session:
-            inserted = session.execute(row.on_conflict_do_nothing()).rowcount  # type: ignore[attr-defined]
-            if inserted:
+            for result in results:
+                row = insert(BatchResult).values(batch_id=result.batch_id, custom_id=result.custom_id,
+                                                 line_no=result.line_no, ok=result.ok, line=result.line)
+                if session.execute(row.on_conflict_do_nothing()).rowcount:  # type: ignore[attr-defined]
+                    stored.append(result)
+            for result in stored:
                 counts = {"completed": Batch.completed + 1} if result.ok else {"failed": Batch.failed + 1}
                 session.execute(update(Batch).where(Batch.id == result.batch_id).values(
                     prompt_tokens=Batch.prompt_tokens + result.prompt_tokens,
                     completion_tokens=Batch.completion_tokens + result.completion_tokens, **counts))
-        return bool(inserted)
+        return stored
 
     def recorded(self, batch_id: str) -> set[str]:
         """The custom_ids of the batch's finished lines."""
         with self.db.sessions() as session:
             return set(session.scalars(select(BatchResult.custom_id).where(BatchResult.batch_id == batch_id)))
 
-    def undispatched(self) -> list[Batch]:
-        """Batches whose lines are not all dispatched yet (running, or orphaned by a dead API)."""
+    def unfinished(self) -> list[Batch]:
+        """Batches that have not ended (being dispatched, collected or finalized, or orphaned)."""
         with self.db.sessions() as session:
-            return list(session.scalars(select(Batch).where(
-                Batch.status.in_(("validating", "in_progress")), Batch.dispatch_done.is_(False))))
+            return list(session.scalars(select(Batch).where(Batch.status.in_(RUNNING))))
 
-    def lines(self, batch_id: str, ok: bool) -> list[str]:
-        """The batch's output (``ok``) or error lines, in input order."""
+    def count_lines(self, batch_id: str, ok: bool) -> int:
+        """How many output (``ok``) or error lines the batch has."""
         with self.db.sessions() as session:
-            return list(session.scalars(
-                select(BatchResult.line).where(BatchResult.batch_id == batch_id, BatchResult.ok == ok)
-                .order_by(BatchResult.line_no)))
+            return int(session.scalar(select(func.count()).select_from(BatchResult).where(
+                BatchResult.batch_id == batch_id, BatchResult.ok == ok)) or 0)
+
+    def stream_lines(self, batch_id: str, ok: bool) -> Iterator[str]:
+        """The batch's output (``ok``) or error lines in input order, a few hundred rows at a time."""
+        query = (select(BatchResult.line).where(BatchResult.batch_id == batch_id, BatchResult.ok == ok)
+                 .order_by(BatchResult.line_no).execution_options(yield_per=STREAM_ROWS))
+        with self.db.sessions() as session:
+            yield from session.scalars(query)
 
 
 def now() -> int:
+    """Epoch seconds, as batch timestamps are stored."""
     return int(time.time())

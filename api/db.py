@@ -95,6 +95,7 @@ class Batch(Base):
     key_id: Mapped[str] = mapped_column(String(40), index=True)
     input_file_id: Mapped[str] = mapped_column(String(40))
     endpoint: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     completion_window: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     metadata_json: Mapped[str | None] = mapped_column(Text, nullable=True)

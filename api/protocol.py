@@ -329,6 +329,24 @@ class BatchRequestCounts(BaseModel):
     failed: int
 
 
+class BatchInputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class BatchOutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(BaseModel):
+    """A batch's token totals, in the shape of OpenAI's ``Batch.usage`` (not a completion's usage)."""
+
+    input_tokens: int
+    input_tokens_details: BatchInputTokensDetails = Field(default_factory=BatchInputTokensDetails)
+    output_tokens: int
+    output_tokens_details: BatchOutputTokensDetails = Field(default_factory=BatchOutputTokensDetails)
+    total_tokens: int
+
+
 class BatchObject(BaseModel):
     id: str
     object: Literal["batch"] = "batch"
@@ -350,7 +368,8 @@ class BatchObject(BaseModel):
     cancelled_at: int | None = None
     request_counts: BatchRequestCounts
     metadata: dict[str, str] | None = None
-    usage: UsageInfo | None = None
+    model: str | None = None
+    usage: BatchUsage | None = None
 
 
 class BatchList(BaseModel):

@@ -10,8 +10,8 @@ import time
 import openai
 import pytest
 
+from api.keys import create_key
 from tests.conftest import SCRIPTED_MODEL, TEST_KEY, start_api
-from tests.test_metering import add_key
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
 
@@ -44,10 +44,13 @@ def wait_for(client, headers, batch_id: str, statuses: tuple[str, ...], timeout:
     raise AssertionError(f"batch stuck in {batch['status']}: {batch}")
 
 
+def new_key(app) -> str:
+    return create_key(app.extensions["inferq"].db, "batch tests").key
+
+
 @pytest.fixture
-def headers(app_config):
-    key, _ = add_key(app_config["database_url"])
-    return {"X-API-Key": key}
+def headers(app):
+    return {"X-API-Key": new_key(app)}
 
 
 def test_batch_runs_every_line_once(client, headers):
@@ -61,10 +64,11 @@ def test_batch_runs_every_line_once(client, headers):
     assert created.json["status"] in ("validating", "in_progress")
     batch = wait_for(client, headers, created.json["id"], ("completed",))
     assert batch["request_counts"] == {"total": 13, "completed": 12, "failed": 1}
-    out = [json.loads(line) for line in
-           client.get(f"/v1/files/{batch['output_file_id']}/content", headers=headers).data.splitlines()]
-    assert [o["custom_id"] for o in out] == [f"req-{i}" for i in range(12)]
-    for i, o in enumerate(out):
+    out = {o["custom_id"]: o for o in (json.loads(line) for line in client.get(
+        f"/v1/files/{batch['output_file_id']}/content", headers=headers).data.splitlines())}
+    assert sorted(out) == sorted(f"req-{i}" for i in range(12))  # in the order they finished
+    for i in range(12):
+        o = out[f"req-{i}"]
         assert o["response"]["status_code"] == 200 and o["error"] is None
         assert o["response"]["body"]["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
         assert o["response"]["body"]["usage"]["prompt_tokens"] == i + 1
@@ -72,7 +76,12 @@ def test_batch_runs_every_line_once(client, headers):
               client.get(f"/v1/files/{batch['error_file_id']}/content", headers=headers).data.splitlines()]
     assert [e["custom_id"] for e in errors] == ["bad"]
     assert errors[0]["response"]["status_code"] == 400
-    assert batch["usage"]["completion_tokens"] == 36
+    sdk_batch = openai.types.Batch.model_validate(batch)  # OpenAI's shape, usage included
+    assert sdk_batch.model == SCRIPTED_MODEL
+    assert sdk_batch.usage is not None
+    assert (sdk_batch.usage.input_tokens, sdk_batch.usage.output_tokens) == (sum(range(1, 13)), 36)
+    assert sdk_batch.usage.total_tokens == sum(range(1, 13)) + 36
+    assert sdk_batch.usage.input_tokens_details.cached_tokens == 0
     today = client.get("/v1/usage", headers=headers).json["today"]
     assert today["completion_tokens"] == 36  # the batch is metered like any other request
 
@@ -91,7 +100,16 @@ def test_cancelled_batch_keeps_finished_lines(client, headers):
         time.sleep(0.1)
     cancelling = client.post(f"/v1/batches/{batch_id}/cancel", headers=headers).json
     assert cancelling["status"] in ("cancelling", "cancelled")
-    batch = wait_for(client, headers, batch_id, ("cancelled",))
+    seen: list[dict] = []
+    deadline = time.monotonic() + 30
+    while not seen or seen[-1]["status"] != "cancelled":
+        assert time.monotonic() < deadline, seen[-1]
+        client.get("/v1/usage", headers=headers)
+        seen.append(client.get(f"/v1/batches/{batch_id}", headers=headers).json)
+        time.sleep(0.05)
+    # Status and files change in one update: a cancelled batch never shows a missing output file.
+    assert all(b["output_file_id"] for b in seen if b["status"] == "cancelled")
+    batch = seen[-1]
     counts = batch["request_counts"]
     assert 0 < counts["completed"] < 40
     out = client.get(f"/v1/files/{batch['output_file_id']}/content", headers=headers).data.splitlines()
@@ -101,8 +119,8 @@ def test_cancelled_batch_keeps_finished_lines(client, headers):
     assert all(e["error"]["code"] == "batch_cancelled" for e in errs)
 
 
-def test_bad_batch_requests(client, headers, app_config):
-    other, _ = add_key(app_config["database_url"])
+def test_bad_batch_requests(client, headers, app):
+    other = new_key(app)
     file_id = upload(client, headers, [chat_line("a", "x")])
     cases = [
         ({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"}, 404),
@@ -135,8 +153,9 @@ def test_openai_sdk_files_and_batches(redis_url, scripted_worker, tmp_path):
         while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
             time.sleep(0.3)
             batch = sdk.batches.retrieve(batch.id)
-        assert batch.status == "completed"
+        assert batch.status == "completed" and batch.request_counts and batch.output_file_id
         assert batch.request_counts.completed == 5
+        assert batch.usage and batch.usage.output_tokens == 20 and batch.model == SCRIPTED_MODEL
         out = [json.loads(line) for line in sdk.files.content(batch.output_file_id).text.splitlines()]
         assert sorted(o["custom_id"] for o in out) == [f"sdk-{i}" for i in range(5)]
         assert all(o["response"]["body"]["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3"
@@ -153,11 +172,19 @@ def test_batch_past_its_window_expires(client, headers, app):
     wait_for(client, headers, batch_id, ("in_progress",))
     time.sleep(1.0)
     app.extensions["inferq"].batches.store.update(batch_id, expires_at=int(time.time()) - 1)
-    batch = wait_for(client, headers, batch_id, ("expired",))
-    assert batch["expired_at"] is not None and batch["request_counts"]["completed"] < 30
+    batch = client.get(f"/v1/batches/{batch_id}", headers=headers).json
+    assert batch["status"] == "expired"  # straight there: no visible cancelling
+    assert batch["expired_at"] is not None and batch["cancelling_at"] is None
+    counts = batch["request_counts"]
+    assert counts["completed"] < 30 and counts["completed"] + counts["failed"] == 30
     errs = [json.loads(line) for line in
             client.get(f"/v1/files/{batch['error_file_id']}/content", headers=headers).data.splitlines()]
-    assert errs and all(e["error"]["code"] == "batch_expired" for e in errs)
+    assert len(errs) == counts["failed"] and all(e["error"]["code"] == "batch_expired" for e in errs)
+    assert all(e["response"] is None for e in errs)
+    # The lines it cancelled settle later and change nothing.
+    time.sleep(1.0)
+    client.get("/v1/usage", headers=headers)
+    assert client.get(f"/v1/batches/{batch_id}", headers=headers).json["request_counts"] == counts
 
 
 def test_a_batch_whose_dispatcher_died_is_resumed_with_every_line_once(client, headers, app, redis_client):
@@ -194,3 +221,152 @@ def test_a_batch_whose_dispatcher_died_is_resumed_with_every_line_once(client, h
     output = client.get(f"/v1/files/{done['output_file_id']}/content", headers=headers).get_data(as_text=True)
     assert sorted(json.loads(line)["custom_id"] for line in output.splitlines()) == sorted(
         f"r{i}" for i in range(12))
+
+
+def undispatched_batch(client, headers, app, monkeypatch, lines: list[dict]) -> str:
+    """A batch created while its API process dispatches nothing (as if it died right away)."""
+    runner = app.extensions["inferq"].batches
+    monkeypatch.setattr(runner, "start", lambda *args: None)
+    batch_id = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json["id"]
+    monkeypatch.undo()
+    return batch_id
+
+
+def test_finished_lines_are_on_disk_before_the_batch_ends(client, headers, app):
+    runner = app.extensions["inferq"].batches
+    lines = [chat_line(f"fast-{i}", "quick") for i in range(3)]
+    lines += [chat_line(f"slow-{i}", "[[delay=0.5]] slow", 20) for i in range(5)]
+    batch_id = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json["id"]
+    partial = runner.outputs.partial_path(batch_id, ok=True)
+    deadline = time.monotonic() + 20
+    while True:
+        assert time.monotonic() < deadline
+        client.get("/v1/usage", headers=headers)  # drains finished lines
+        batch = client.get(f"/v1/batches/{batch_id}", headers=headers).json
+        if batch["request_counts"]["completed"] >= 3:
+            break
+        time.sleep(0.1)
+    assert batch["status"] == "in_progress" and batch["output_file_id"] is None
+    on_disk = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert len(on_disk) == batch["request_counts"]["completed"]
+    assert {o["custom_id"] for o in on_disk} >= {f"fast-{i}" for i in range(3)}
+    client.post(f"/v1/batches/{batch_id}/cancel", headers=headers)
+    done = wait_for(client, headers, batch_id, ("cancelled",))
+    assert not partial.exists()  # sealed: renamed into place as the output file
+    out = client.get(f"/v1/files/{done['output_file_id']}/content", headers=headers).data.splitlines()
+    assert [json.loads(line) for line in out][:len(on_disk)] == on_disk
+
+
+def test_a_finalizer_that_died_is_taken_over_and_its_file_rebuilt(client, headers, app, monkeypatch):
+    services = app.extensions["inferq"]
+    runner = services.batches
+    monkeypatch.setattr(runner, "maybe_finalize", lambda batch_id: None)  # it dies before finalizing
+    batch_id = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, [chat_line(f"f{i}", "x") for i in range(6)]),
+        "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json["id"]
+    deadline = time.monotonic() + 20
+    while client.get(f"/v1/batches/{batch_id}", headers=headers).json["request_counts"]["completed"] < 6:
+        assert time.monotonic() < deadline
+        client.get("/v1/usage", headers=headers)
+        time.sleep(0.1)
+    monkeypatch.undo()
+    runner.store.update(batch_id, status="finalizing", finalizing_at=int(time.time()))
+    # It also died between storing a line in SQL and appending it to the file.
+    partial = runner.outputs.partial_path(batch_id, ok=True)
+    partial.write_text("".join(line + "\n" for line in partial.read_text().splitlines()[:-1]))
+    runner.resume_orphaned(services.keys.principal_for)
+    batch = client.get(f"/v1/batches/{batch_id}", headers=headers).json
+    assert batch["status"] == "completed" and batch["error_file_id"] is None
+    out = client.get(f"/v1/files/{batch['output_file_id']}/content", headers=headers).data.splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in out) == [f"f{i}" for i in range(6)]
+
+
+def test_a_line_whose_job_record_expired_fails_and_the_batch_ends(client, headers, app, redis_client):
+    from api.batch_lines import line_job_id
+    from queueing import jobs, keys
+
+    lines = [chat_line(f"x{i}", "hello") for i in range(3)]
+    batch_id = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json["id"]
+    job_ids = [line_job_id(batch_id, seq) for seq in (1, 2, 3)]
+    deadline = time.monotonic() + 20
+    while not all((r := jobs.get(redis_client, j)) is not None and r.status.is_terminal for j in job_ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    redis_client.delete(keys.job(job_ids[1]))  # its record expired before the drain
+    batch = wait_for(client, headers, batch_id, ("completed",))
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    errs = [json.loads(line) for line in
+            client.get(f"/v1/files/{batch['error_file_id']}/content", headers=headers).data.splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errs] == [("x1", "result_expired")]
+
+
+def test_expiry_applies_in_the_list_and_in_the_dispatcher(client, headers, app, monkeypatch):
+    services = app.extensions["inferq"]
+    runner = services.batches
+    lines = [chat_line(f"l{i}", "x") for i in range(4)]
+    listed_id = undispatched_batch(client, headers, app, monkeypatch, lines)
+    runner.store.update(listed_id, expires_at=int(time.time()) - 1)
+    listed = client.get("/v1/batches", headers=headers).json["data"]
+    assert [(b["id"], b["status"]) for b in listed] == [(listed_id, "expired")]
+
+    batch_id = undispatched_batch(client, headers, app, monkeypatch, lines)
+    runner.store.update(batch_id, expires_at=int(time.time()) - 1)
+    batch = runner.store.get(batch_id)
+    principal = services.keys.principal_for(batch.key_id)
+    runner.dispatch(batch_id, runner.lease.take(batch_id), principal, principal.may_use)
+    ended = runner.store.get(batch_id)
+    assert (ended.status, ended.failed, ended.completed) == ("expired", 4, 0)
+    from queueing import jobs
+
+    assert all(jobs.get(services.gateway.redis, f"{batch_id}-{seq}") is None for seq in range(1, 5))
+    errs = client.get(f"/v1/files/{ended.error_file_id}/content", headers=headers).data.splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in errs) == [f"l{i}" for i in range(4)]
+
+
+def test_a_batch_cancelled_after_its_dispatcher_died_still_ends(client, headers, app, redis_client):
+    import itertools
+
+    import redis as redis_lib
+
+    from queueing import keys
+
+    services = app.extensions["inferq"]
+    runner = services.batches
+    real_iter_lines = runner.files.iter_lines
+
+    def dies_after_five(info):
+        yield from itertools.islice(real_iter_lines(info), 5)
+        raise redis_lib.ConnectionError("process gone")
+
+    runner.files.iter_lines = dies_after_five
+    lines = [chat_line(f"k{i}", "[[delay=0.1]] go", 5) for i in range(12)]
+    batch_id = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json["id"]
+    deadline = time.monotonic() + 10
+    while redis_client.exists(keys.batch_dispatcher(batch_id)) and time.monotonic() < deadline:
+        redis_client.delete(keys.batch_dispatcher(batch_id))  # its lease lapses
+        time.sleep(0.2)
+    runner.files.iter_lines = real_iter_lines
+    assert client.post(f"/v1/batches/{batch_id}/cancel", headers=headers).json["status"] == "cancelling"
+    assert runner.resume_orphaned(services.keys.principal_for) == 0  # wound down, not dispatched again
+    batch = wait_for(client, headers, batch_id, ("cancelled",))
+    counts = batch["request_counts"]
+    assert counts["completed"] + counts["failed"] == 5  # the five lines it had dispatched
+    ids = [json.loads(line)["custom_id"] for file_id in (batch["output_file_id"], batch["error_file_id"])
+           if file_id
+           for line in client.get(f"/v1/files/{file_id}/content", headers=headers).data.splitlines()]
+    assert sorted(ids) == [f"k{i}" for i in range(5)]
+
+
+def test_paging_after_an_unknown_batch_is_a_400(client, headers):
+    resp = client.get("/v1/batches?after=batch_nope", headers=headers)
+    assert resp.status_code == 400
+    assert resp.json["error"]["param"] == "after" and set(resp.json["error"]) == {
+        "message", "type", "param", "code"}
