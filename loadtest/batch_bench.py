@@ -6,7 +6,8 @@ and chat TTFT with and without a batch running.
 It starts a worker and the API as child processes (Redis at REDIS_URL), measures
 chat TTFT on the idle stack, runs the batch while measuring chat TTFT again,
 stops the stack, then runs the same prompts through ``vllm.LLM`` in this process
-with the worker's engine settings. Needs about two GB of RAM and a few minutes.
+with the worker's engine arguments (:func:`workers.engine.engine_args`: its dtype
+resolution, eager mode and priority scheduling). Needs about two GB of RAM and a few minutes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from config import get_settings
 from loadtest.stack import BENCH_KEY, running_stack
+from workers.engine import engine_args
 
 console = Console()
 
@@ -69,16 +71,17 @@ def _run_batch(client: httpx.Client, base: str, model: str, prompts: list[str], 
                              daemon=True).start()
     elapsed = time.perf_counter() - start
     console.print(f"batch {batch['status']}: {batch['request_counts']} in {elapsed:.1f}s")
-    return elapsed, int(batch["usage"]["completion_tokens"])
+    return elapsed, int(batch["usage"]["output_tokens"])
 
 
 def _offline(prompts: list[str], max_tokens: int) -> tuple[float, int]:
+    """The same prompts through ``vllm.LLM`` built with exactly the worker's engine arguments."""
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
     s = get_settings()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.kv_cache_space_gib))  # as the worker does
-    llm = LLM(model=s.model_name, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
-              enforce_eager=True, dtype="auto")
+    llm = LLM(**engine_args(s, current_platform.is_cpu()))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)

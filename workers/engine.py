@@ -89,6 +89,22 @@ def resolve_dtype(requested: str, on_cpu: bool) -> str:
     return "auto"
 
 
+def engine_args(s: Settings, on_cpu: bool) -> dict[str, Any]:
+    """The worker's vLLM engine arguments (``loadtest.batch_bench`` gives its offline baseline the same)."""
+    return {
+        "model": s.model_name,
+        "served_model_name": [s.served_model_name],
+        "tensor_parallel_size": s.tp_size,
+        "dtype": resolve_dtype(s.dtype, on_cpu),
+        "max_model_len": s.max_model_len,
+        "max_num_seqs": s.max_num_seqs,
+        "gpu_memory_utilization": s.gpu_memory_utilization,
+        "enforce_eager": on_cpu if s.enforce_eager is None else s.enforce_eager,
+        "scheduling_policy": "priority",  # interactive requests ahead of batch work
+        "disable_log_stats": False,
+    }
+
+
 def build_prompt_ids(tokenizer: Any, params: GenerationParams, max_model_len: int) -> list[int]:
     """Token ids of the prompt: the chat template applied, or the raw completion prompt."""
     if params.kind == "chat":
@@ -158,22 +174,9 @@ class VllmEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        s = self.settings
-        on_cpu = current_platform.is_cpu()
-        args = AsyncEngineArgs(
-            model=s.model_name,
-            served_model_name=[s.served_model_name],
-            tensor_parallel_size=s.tp_size,
-            dtype=resolve_dtype(s.dtype, on_cpu),  # type: ignore[arg-type]
-            max_model_len=s.max_model_len,
-            max_num_seqs=s.max_num_seqs,
-            gpu_memory_utilization=s.gpu_memory_utilization,
-            enforce_eager=on_cpu if s.enforce_eager is None else s.enforce_eager,
-            scheduling_policy="priority",  # interactive requests ahead of batch work
-            disable_log_stats=False,
-        )
+        args = AsyncEngineArgs(**engine_args(self.settings, current_platform.is_cpu()))
         log.info("starting vLLM engine: model=%s dtype=%s eager=%s",
-                 s.model_name, args.dtype, args.enforce_eager)
+                 args.model, args.dtype, args.enforce_eager)
         return AsyncLLM.from_engine_args(args)
 
     async def _pump(self, request_id: str, prompt_ids: list[int], sp: SamplingParams, priority: int,
