@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from queueing.jobs import GenerationParams
 
@@ -100,7 +100,7 @@ class SamplingFields(OpenAIModel):
     model: str = Field(min_length=1)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: Any = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
@@ -122,6 +122,20 @@ class SamplingFields(OpenAIModel):
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         return stops
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("n > 1 is not supported by this server; send n separate requests instead")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @field_validator("logprobs")
     @classmethod

@@ -22,6 +22,7 @@ from queueing import keys, metering
 from queueing.jobs import GenerationParams
 from tests.conftest import SCRIPTED_MODEL
 from tests.sse_client import chunks, frames
+from tests.test_batches import chat_line, upload, wait_for
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
 
@@ -42,6 +43,7 @@ def chat(text: str, **extra):
 
 
 def test_usage_equals_the_sum_of_returned_usage(client, app_config):
+    """Buffered, streamed, /v1/jobs and /v1/batches usage all land in /v1/usage, exactly."""
     key, key_id = add_key(app_config["database_url"])
     headers = {"Authorization": f"Bearer {key}"}
     returned = []
@@ -54,13 +56,26 @@ def test_usage_equals_the_sum_of_returned_usage(client, app_config):
     r = client.post("/v1/completions", headers=headers,
                     json={"model": SCRIPTED_MODEL, "prompt": "x y z", "max_tokens": 4})
     returned.append(r.json["usage"])
+    job = client.post("/v1/jobs", headers=headers, json={
+        "endpoint": "/v1/chat/completions", "body": chat("p q r s t", max_tokens=6)}).json
+    done = client.get(f"/v1/jobs/{job['id']}?wait=10", headers=headers).json
+    assert done["status"] == "succeeded"
+    returned.append(done["response"]["usage"])
+    batch_lines = [chat_line(f"line-{i}", "w " * (i + 1), max_tokens=i + 1) for i in range(3)]
+    batch = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, batch_lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json
+    batch = wait_for(client, headers, batch["id"], ("completed",))
+    output = client.get(f"/v1/files/{batch['output_file_id']}/content", headers=headers).get_data(
+        as_text=True)
+    returned += [json.loads(line)["response"]["body"]["usage"] for line in output.splitlines()]
 
     usage = client.get("/v1/usage", headers=headers).json
     today = usage["today"]
     assert usage["key"]["id"] == key_id
-    assert today["requests"] == 3
-    assert today["prompt_tokens"] == sum(u["prompt_tokens"] for u in returned) == 2 + 4 + 3
-    assert today["completion_tokens"] == sum(u["completion_tokens"] for u in returned) == 3 + 5 + 4
+    assert today["requests"] == len(returned) == 7
+    assert today["prompt_tokens"] == sum(u["prompt_tokens"] for u in returned) == 2 + 4 + 3 + 5 + (1 + 2 + 3)
+    assert today["completion_tokens"] == sum(u["completion_tokens"] for u in returned) == 3 + 5 + 4 + 6 + 6
     assert today["total_tokens"] == sum(u["total_tokens"] for u in returned)
     assert [row["model"] for row in usage["data"]] == [SCRIPTED_MODEL]
     assert usage["daily_quota"]["limit"] is None

@@ -33,6 +33,7 @@ def error_locs(exc: pytest.ExceptionInfo[ValidationError]) -> list[tuple[Any, ..
 @pytest.mark.parametrize(("fields", "loc"), [
     ({"messages": []}, ("messages",)),
     ({"n": 2}, ("n",)),
+    ({"stream_options": {"include_usage": True}}, ("stream_options",)),
     ({"temperature": 3}, ("temperature",)),
     ({"top_p": 0}, ("top_p",)),
     ({"stop": ["a", "b", "c", "d", "e"]}, ("stop",)),
@@ -50,6 +51,14 @@ def test_chat_request_accepts_boundaries() -> None:
     assert req.temperature == 2.0
     assert req.stop == ["a", "b", "c", "d"]
     assert req.logprobs is None and req.tools is None
+
+
+def test_n_above_one_says_it_is_unsupported() -> None:
+    with pytest.raises(ValidationError) as exc:
+        chat(n=3)
+    assert "n > 1 is not supported" in str(exc.value)
+    assert chat(stream=True, stream_options={"include_usage": True}).include_usage
+    assert chat(stream=False, stream_options=None).include_usage is False
 
 
 def test_stop_string_becomes_list() -> None:
