@@ -7,7 +7,9 @@ import re
 import uuid
 from typing import Any
 
+import redis
 from flask import Flask, Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api import errors, metrics
 from api.auth import KeyStore
@@ -18,7 +20,7 @@ from api.extensions import Services
 from api.files import FileStore
 from api.gateway import Gateway
 from api.ledger import Ledger
-from api.ratelimit import KeyRateLimiter, failed_auth_only, ip_limiter
+from api.ratelimit import AuthAttempt, AuthFailureGate, KeyRateLimiter, ip_limiter
 from api.routes import batches, completions, files, health, jobs, models, openapi, usage
 from config import Settings, get_settings, logs, tracing
 from queueing.celery_app import make_celery
@@ -46,6 +48,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     logs.configure(settings.log_level, settings.log_format)
     tracing.init_tracing("inferq-api")
     app = Flask(__name__, static_folder=None)
+    if settings.trusted_proxy_count:  # the client address is the proxies' X-Forwarded-For entry
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
@@ -73,11 +77,45 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limiter.limit(settings.ip_rate_limit)(health.bp)
     limiter.limit(settings.ip_rate_limit)(openapi.bp)
     api_blueprints = (models.bp, completions.bp, jobs.bp, usage.bp, files.bp, batches.bp)
-    for blueprint in api_blueprints:
-        limiter.limit(settings.auth_failure_limit, deduct_when=failed_auth_only)(blueprint)
+    _register_auth_gate(app, AuthFailureGate(client, settings.auth_failure_limit),
+                        {blueprint.name for blueprint in api_blueprints})
     for blueprint in (health.bp, openapi.bp, *api_blueprints):
         app.register_blueprint(blueprint)
     return app
+
+
+def _register_auth_gate(app: Flask, gate: AuthFailureGate, blueprints: set[str]) -> None:
+    """One brute-force budget per client address over every authenticated endpoint.
+
+    Each request takes a slot before its key is checked; ``require_api_key`` settles it
+    as soon as the key is known, and the response settles what is left (a missing key).
+    """
+
+    @app.before_request
+    def _take_auth_slot() -> Response | None:
+        if request.blueprint not in blueprints:
+            return None
+        try:
+            slot = gate.reserve(request.remote_addr or "unknown")
+        except redis.RedisError:
+            log.warning("auth failure gate unavailable; request let through")
+            return None
+        if not isinstance(slot, AuthAttempt):
+            return errors.to_response(slot)
+        g.auth_attempt = slot
+        return None
+
+    @app.after_request
+    def _settle_auth_slot(response: Response) -> Response:
+        attempt: AuthAttempt | None = g.get("auth_attempt")
+        if attempt is not None:
+            attempt.settle(refused=response.status_code == 401)
+        return response
+
+
+def _too_large(limit: int) -> Response:
+    return errors.to_response(errors.error(413, f"Request body too large: the limit is {limit} bytes.",
+                                           "invalid_request_error", "request_too_large"))
 
 
 def _register_hooks(app: Flask, settings: Settings) -> None:
@@ -89,18 +127,24 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def _reject_oversize() -> Response | None:
-        # Before auth and before any parsing: the declared length is enough. Uploads get their
-        # own limit, which werkzeug also enforces while reading a body sent without a length.
+        # Before auth and before any parsing: the declared length is enough. A chunked body
+        # (no length) is read here, up to the limit, so it too is refused before auth. Uploads
+        # get their own limit, which werkzeug enforces while parsing a chunked upload (after auth:
+        # buffering up to MAX_FILE_BYTES for unauthenticated clients would cost more).
         if request.method == "POST" and request.path == UPLOAD_PATH:
             request.max_content_length = settings.max_file_bytes + MULTIPART_OVERHEAD
             if (request.content_length or 0) > request.max_content_length:
                 return errors.to_response(errors.error(
                     413, f"Upload too large: a file may hold at most {settings.max_file_bytes} bytes.",
                     "invalid_request_error", "file_too_large", "file"))
-        elif (request.content_length or 0) > settings.max_request_bytes:
-            return errors.to_response(errors.error(
-                413, f"Request body too large: the limit is {settings.max_request_bytes} bytes.",
-                "invalid_request_error", "request_too_large"))
+        elif request.content_length is not None:
+            if request.content_length > settings.max_request_bytes:
+                return _too_large(settings.max_request_bytes)
+        elif "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            # Read (and cache for the view) one byte past the limit at most: werkzeug stops there.
+            request.max_content_length = settings.max_request_bytes + 1
+            if len(request.get_data()) > settings.max_request_bytes:
+                return _too_large(settings.max_request_bytes)
         return None
 
     @app.after_request

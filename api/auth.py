@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from api import errors, metrics
 from api.db import ApiKey, Database
 from api.extensions import services
+from api.ratelimit import settle_auth_attempt
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def require_api_key(view: Callable[..., Any]) -> Callable[..., Any]:
                 401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                 "or 'X-API-Key: <key>'.", "invalid_request_error", "missing_api_key"))
         principal = services().keys.verify(key)
+        settle_auth_attempt(refused=principal is None)  # the brute-force slot, freed or counted
         if principal is None:
             log.info("rejected API key %s", display_prefix(key))
             metrics.AUTH_FAILURES.labels("invalid_key").inc()

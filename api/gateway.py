@@ -46,6 +46,14 @@ class Payer(Protocol):
     def daily_tokens(self) -> int | None: ...
 
 
+class Charge(Protocol):
+    """A per-minute charge (``api.ratelimit.TokenCharge``) taken just before a job is created,
+    after every other check, and given back if the daily quota refuses the job."""
+
+    def take(self) -> ErrorResponse | None: ...
+    def give_back(self) -> None: ...
+
+
 class JobStream:
     """A submitted job's events, ending with exactly one terminal event."""
 
@@ -139,7 +147,8 @@ class Gateway:
         """Models with at least one live worker."""
         return sorted(liveness.live_models(self.redis))
 
-    def submit(self, params: GenerationParams, payer: Payer | None = None) -> JobStream | ErrorResponse:
+    def submit(self, params: GenerationParams, payer: Payer | None = None,
+               charge: Charge | None = None) -> JobStream | ErrorResponse:
         """Reserve the request's worst case against the payer's quota and enqueue it,
         or say why it cannot run now."""
         record = self.new_record(params, payer)
@@ -157,7 +166,7 @@ class Gateway:
                     retry_after=2, code="queue_full")
             subscription = EventSubscription(self.redis, record.id)
             try:
-                quota_error = self._create(record)
+                quota_error = self._create(record, charge=charge)
                 if quota_error is not None:
                     subscription.close()
                     return quota_error
@@ -172,7 +181,7 @@ class Gateway:
         return JobStream(self, record.id, params.model, subscription)
 
     def submit_job(self, params: GenerationParams, payer: Payer, endpoint: str,
-                   metadata: str | None) -> JobRecord | ErrorResponse:
+                   metadata: str | None, charge: Charge | None = None) -> JobRecord | ErrorResponse:
         """Enqueue a job on the batch queue (no one listens to its events); it is
         listed among the payer's jobs."""
         record = self.new_record(params, payer)
@@ -182,9 +191,10 @@ class Gateway:
                 return self._no_worker(params.model)
         except redis.RedisError:
             return _queue_unavailable()
-        return self.enqueue_batch(record, index=keys.jobs_of(payer.key_id))
+        return self.enqueue_batch(record, index=keys.jobs_of(payer.key_id), charge=charge)
 
-    def enqueue_batch(self, record: JobRecord, index: str | None = None) -> JobRecord | ErrorResponse:
+    def enqueue_batch(self, record: JobRecord, index: str | None = None,
+                      charge: Charge | None = None) -> JobRecord | ErrorResponse:
         """Reserve and enqueue a prepared record on the batch queue.
 
         Idempotent per job id: a record that exists already (a batch resumed after its
@@ -197,7 +207,7 @@ class Gateway:
             return too_long
         try:
             try:
-                quota_error = self._create(record, index=index)
+                quota_error = self._create(record, index=index, charge=charge)
             except jobs.JobExists:
                 existing = jobs.get(self.redis, record.id)
                 if existing is None or existing.status is not jobs.JobStatus.QUEUED:
@@ -229,7 +239,10 @@ class Gateway:
                 record.reserved_tokens = worst_case_tokens(params, self.settings.max_model_len)
         return record
 
-    def _create(self, record: JobRecord, index: str | None = None) -> ErrorResponse | None:
+    def _create(self, record: JobRecord, index: str | None = None,
+                charge: Charge | None = None) -> ErrorResponse | None:
+        if charge is not None and (refused := charge.take()) is not None:
+            return refused
         ttl = self.settings.job_ttl
         try:
             try:
@@ -242,6 +255,8 @@ class Gateway:
             log.info("quota: key %s refused %d tokens (%d used, %d reserved of %d)",
                      record.key_id, record.reserved_tokens, exc.used, exc.reserved, exc.limit)
             metrics.REJECTIONS.labels("quota").inc()
+            if charge is not None:
+                charge.give_back()
             return errors.error(
                 429, f"This request needs up to {record.reserved_tokens} tokens, which would exceed your "
                 f"daily quota of {exc.limit} tokens ({exc.used} used, {exc.reserved} held by requests "

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from api import errors
 from api.auth import Principal
-from api.gateway import Gateway
+from api.gateway import Charge, Gateway
 from api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,12 +52,12 @@ def parse_job(request: JobCreateRequest) -> GenerationParams | ErrorResponse:
 
 
 def create_job(gateway: Gateway, principal: Principal, request: JobCreateRequest,
-               params: GenerationParams) -> JobObject | ErrorResponse:
+               params: GenerationParams, charge: Charge | None = None) -> JobObject | ErrorResponse:
     """``POST /v1/jobs``: queue the job at batch priority."""
     if not principal.may_use(params.model):
         return model_not_found(params.model)
     metadata = json.dumps(request.metadata) if request.metadata else None
-    submitted = gateway.submit_job(params, principal, request.endpoint, metadata)
+    submitted = gateway.submit_job(params, principal, request.endpoint, metadata, charge)
     return submitted if isinstance(submitted, ErrorResponse) else job_object(submitted)
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from api import errors, metrics, sse
 from api.auth import Principal
-from api.gateway import Gateway, JobStream
+from api.gateway import Charge, Gateway, JobStream
 from api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -110,15 +110,15 @@ Served = BaseModel | ErrorResponse | Iterator[str]
 
 
 def serve_chat(gateway: Gateway, request: ChatCompletionRequest, params: GenerationParams,
-               principal: Principal) -> Served:
+               principal: Principal, charge: Charge | None = None) -> Served:
     """``POST /v1/chat/completions`` (``params`` is ``request.to_params()``)."""
-    return _serve(gateway, request, params, principal, ChatFormat)
+    return _serve(gateway, request, params, principal, ChatFormat, charge)
 
 
 def serve_completion(gateway: Gateway, request: CompletionRequest, params: GenerationParams,
-                     principal: Principal) -> Served:
+                     principal: Principal, charge: Charge | None = None) -> Served:
     """``POST /v1/completions`` (``params`` is ``request.to_params()``)."""
-    return _serve(gateway, request, params, principal, CompletionFormat)
+    return _serve(gateway, request, params, principal, CompletionFormat, charge)
 
 
 def model_not_found(model: str) -> ErrorResponse:
@@ -128,12 +128,13 @@ def model_not_found(model: str) -> ErrorResponse:
 
 
 def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest, params: GenerationParams,
-           principal: Principal, format_cls: type[ChatFormat] | type[CompletionFormat]) -> Served:
+           principal: Principal, format_cls: type[ChatFormat] | type[CompletionFormat],
+           charge: Charge | None) -> Served:
     if not principal.may_use(request.model):
         return model_not_found(request.model)
     timer = _Timer("chat" if format_cls is ChatFormat else "completions", request.stream, request.model)
     with timer.span.activated():  # the job's task carries this span's trace context
-        submitted = gateway.submit(params, principal)
+        submitted = gateway.submit(params, principal, charge)
     if isinstance(submitted, ErrorResponse):
         timer.span.end(submitted.error.code)
         return submitted

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     ip_rate_limit: str = "600/minute"
     auth_failure_limit: str = "20/minute"
+    # Proxies in front of the API that append to X-Forwarded-For (0 = clients connect directly).
+    trusted_proxy_count: int = Field(0, ge=0)
     # Celery task events (task-received/started/succeeded...) for Flower's task views: three
     # more Redis publishes per task, about a third of a worker's CPU per short request.
     # Worker heartbeats (Flower's worker list, its worker metrics) are sent either way.

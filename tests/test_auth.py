@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
 from api import create_app
 from api.auth import KeyStore, Principal, display_prefix, hash_key
-from api.db import ApiKey
+from api.db import ApiKey, Database
 from api.keys import new_public_id
+from config import Settings
 from queueing import jobs
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, start_api
 
 WRONG_KEY = "sk-wrong-0123456789abcdef0123"
 
@@ -136,6 +141,52 @@ def test_body_under_limit_reaches_auth(app_config: dict[str, Any]) -> None:
     client = build_app(app_config, max_request_bytes=2048).test_client()
     resp = client.post("/v1/chat/completions", data="x" * 1000, content_type="application/json")
     assert openai_error(resp, 401)["code"] == "missing_api_key"
+
+
+@pytest.fixture(scope="module")
+def small_body_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A real API server (gunicorn, as in production) whose request bodies may hold 4 KiB."""
+    tmp = tmp_path_factory.mktemp("small-body-api")
+    proc, base = start_api(redis_url, tmp, MAX_REQUEST_BYTES="4096")
+    yield tmp, base
+    proc.stop()
+
+
+def chunked(total: int) -> Iterator[bytes]:
+    """A body of ``total`` bytes sent without a Content-Length (Transfer-Encoding: chunked)."""
+    for start in range(0, total, 1000):
+        yield b"x" * min(1000, total - start)
+
+
+def test_oversize_chunked_body_is_413_before_auth_and_rate_limits(small_body_api: tuple[Path, str]) -> None:
+    tmp, base = small_body_api
+    url = f"{base}/v1/chat/completions"
+    resp = httpx.post(url, content=chunked(20_000), headers={"Content-Type": "application/json"})
+    assert resp.request.headers["Transfer-Encoding"] == "chunked"
+    assert resp.status_code == 413  # not 401: refused before the key was looked at
+    assert resp.json()["error"]["code"] == "request_too_large"
+    key = "iq-" + secrets.token_urlsafe(24)
+    db = Database(Settings(database_url=f"sqlite:///{tmp / 'inferq.db'}"))
+    with db.sessions.begin() as session:
+        session.add(ApiKey(public_id=new_public_id(), name="one-rpm", key_hash=hash_key(key),
+                           prefix=display_prefix(key), rpm=1))
+    for _ in range(3):
+        resp = httpx.post(url, content=chunked(20_000), headers={"X-API-Key": key})
+        assert resp.status_code == 413
+    # The 413s spent none of the key's one request per minute.
+    resp = httpx.get(f"{base}/v1/models", headers={"X-API-Key": key})
+    assert resp.status_code == 200
+    assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_chunked_body_under_limit_reaches_the_route(small_body_api: tuple[Path, str]) -> None:
+    _, base = small_body_api
+    body = b'{"model": "m", "messages": "not a list"}'
+    resp = httpx.post(f"{base}/v1/chat/completions", content=iter([body[:10], body[10:]]),
+                      headers={"Content-Type": "application/json", "X-API-Key": TEST_KEY})
+    assert resp.request.headers["Transfer-Encoding"] == "chunked"
+    assert resp.status_code == 400  # parsed: the body read before auth is the one the route sees
+    assert resp.json()["error"]["param"] == "messages"
 
 
 # --- headers ----------------------------------------------------------------

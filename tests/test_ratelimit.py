@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import secrets
+import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from api import create_app
-from tests.conftest import SCRIPTED_MODEL
-from tests.test_metering import add_key
+from api.auth import hash_key
+from api.db import ApiKey, Database
+from config import Settings
+from tests.conftest import SCRIPTED_MODEL, TEST_KEY, start_api
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
+
+
+def add_key(database_url: str, **limits) -> tuple[str, str]:
+    """Insert a key with limits into the app's database; returns (key, public id)."""
+    db = Database(Settings(database_url=database_url))
+    db.create_schema()
+    key, public_id = f"iq-{secrets.token_urlsafe(24)}", f"key_{secrets.token_hex(8)}"
+    with db.sessions.begin() as session:
+        session.add(ApiKey(public_id=public_id, name="limited", key_hash=hash_key(key),
+                           prefix=key[:6] + "...", **limits))
+    return key, public_id
 
 
 def a_client_address() -> dict[str, str]:
@@ -66,6 +81,84 @@ def test_failed_keys_block_the_address(app_config):
     assert other.status_code == 200  # only the guessing address is blocked
 
 
+def test_failed_keys_share_one_budget_across_endpoints(app_config):
+    app = create_app({**app_config, "auth_failure_limit": "4/minute"})
+    client, env = app.test_client(), a_client_address()
+    wrong, valid = {"X-API-Key": "iq-guess"}, {"X-API-Key": app_config["api_keys"]}
+    for path in ("/v1/models", "/v1/usage", "/v1/jobs"):
+        assert client.get(path, headers=wrong, environ_base=env).status_code == 401
+    # Three failures so far: a valid key from the same address still works, and does not
+    # reset the count.
+    assert client.get("/v1/models", headers=valid, environ_base=env).status_code == 200
+    assert client.get("/v1/files", headers=wrong, environ_base=env).status_code == 401
+    # The fourth failure blocks the address on every endpoint, valid keys included.
+    for path, headers in (("/v1/models", valid), ("/v1/batches", wrong), ("/v1/usage", valid)):
+        assert_openai_429(client.get(path, headers=headers, environ_base=env))
+    assert client.get("/v1/models", headers=valid, environ_base=a_client_address()).status_code == 200
+
+
+def a_forwarded_address() -> dict[str, str]:
+    """A fresh client address as the trusted proxy in front of ``guarded_apis`` reports it."""
+    return {"X-Forwarded-For": a_client_address()["REMOTE_ADDR"]}
+
+
+@pytest.fixture(scope="module")
+def guarded_apis(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two API processes sharing Redis, five refused keys per address and minute, behind one
+    trusted proxy (so each test gets fresh addresses through X-Forwarded-For)."""
+    tmp = tmp_path_factory.mktemp("guarded-apis")
+    procs = [start_api(redis_url, tmp, AUTH_FAILURE_LIMIT="5/minute", TRUSTED_PROXY_COUNT="1")
+             for _ in range(2)]
+    yield [base for _, base in procs]
+    for proc, _ in procs:
+        proc.stop()
+
+
+def send_together(requests: list[tuple[str, str]]) -> list[int]:
+    """Send raw requests ``(base URL, request text)`` on connections opened beforehand, all within
+    a millisecond or so (client threads would stagger them); their status codes."""
+    socks = []
+    for base, _ in requests:
+        host, port = base.removeprefix("http://").split(":")
+        socks.append(socket.create_connection((host, int(port)), timeout=30))
+    for sock, (_, text) in zip(socks, requests, strict=True):
+        sock.sendall(text.encode())
+    codes = []
+    for sock in socks:
+        with sock, sock.makefile("rb") as response:
+            codes.append(int(response.readline().split()[1]))
+    return codes
+
+
+def test_parallel_guesses_get_exactly_the_budget(guarded_apis: list[str]):
+    address = a_forwarded_address()
+    paths = ["/v1/models", "/v1/usage", "/v1/jobs", "/v1/files", "/v1/batches"]
+    codes = send_together([
+        (guarded_apis[i % 2], f"GET {paths[i % 5]} HTTP/1.1\r\nHost: api\r\nX-API-Key: iq-guess-{i}\r\n"
+         f"X-Forwarded-For: {address['X-Forwarded-For']}\r\nConnection: close\r\n\r\n")
+        for i in range(60)
+    ])
+    assert codes.count(401) == 5  # exactly the budget, though the 60 guesses arrived together
+    assert codes.count(429) == 55
+    valid = {"X-API-Key": TEST_KEY}
+    assert httpx.get(f"{guarded_apis[0]}/v1/models", headers={**address, **valid}).status_code == 429
+    other = a_forwarded_address()  # the proxy's X-Forwarded-For entry is the address counted
+    assert httpx.get(f"{guarded_apis[1]}/v1/models", headers={**other, **valid}).status_code == 200
+
+
+def test_parallel_valid_keys_are_not_held_back_by_the_budget(guarded_apis: list[str]):
+    address = a_forwarded_address()
+    for i in range(4):  # one slot left: requests arriving together take turns at it
+        assert httpx.get(f"{guarded_apis[i % 2]}/v1/models",
+                         headers={**address, "X-API-Key": "iq-guess"}).status_code == 401
+    codes = send_together([
+        (guarded_apis[i % 2], f"GET /v1/models HTTP/1.1\r\nHost: api\r\nX-API-Key: {TEST_KEY}\r\n"
+         f"X-Forwarded-For: {address['X-Forwarded-For']}\r\nConnection: close\r\n\r\n")
+        for i in range(40)
+    ])
+    assert codes == [200] * 40
+
+
 def test_probe_endpoints_are_limited_per_address(app_config):
     app = create_app({**app_config, "ip_rate_limit": "4/minute"})
     client, env = app.test_client(), a_client_address()
@@ -87,6 +180,50 @@ def test_rpm_holds_exactly_across_two_api_processes(two_apis):
     assert codes.count(429) == 40
 
 
+def test_tpm_holds_exactly_across_two_api_processes(two_apis):
+    tmp, bases = two_apis
+    # Each request's worst case: 2 bytes + 64 template + 8 per message + 20 = 94 tokens.
+    key, _ = add_key(f"sqlite:///{tmp / 'inferq.db'}", tpm=7 * 94 + 50)
+    body = {"model": SCRIPTED_MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+
+    def one(i: int) -> httpx.Response:
+        return httpx.post(f"{bases[i % 2]}/v1/chat/completions", headers={"X-API-Key": key}, json=body,
+                          timeout=60)
+
+    with ThreadPoolExecutor(30) as pool:
+        responses = list(pool.map(one, range(40)))
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) == 7
+    assert codes.count(429) == 33
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(r.json()["error"]["type"] == "tokens" for r in refused)
+    assert all(r.headers["x-ratelimit-remaining-tokens"] == "50" for r in refused)
+
+
+def test_refused_requests_cost_no_tokens_per_minute(client, app_config):
+    key, _ = add_key(app_config["database_url"], tpm=300, daily_tokens=100, models=SCRIPTED_MODEL)
+    headers = {"X-API-Key": key}
+    body = {"model": SCRIPTED_MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+
+    def chat(**extra):
+        return client.post("/v1/chat/completions", headers=headers, json={**body, **extra})
+
+    for _ in range(4):  # each would charge 94 tokens if refusals were charged
+        assert chat(model="some-other-model").status_code == 404
+        assert chat(max_tokens=10**6).status_code == 400
+        for job_body, status in (({"model": "some-other-model"}, 404), ({"max_tokens": 10**6}, 400)):
+            job = {"endpoint": "/v1/chat/completions", "body": {**body, **job_body}}
+            assert client.post("/v1/jobs", headers=headers, json=job).status_code == status
+    first = chat()
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(300 - 94)
+    # The daily quota (100) now refuses another 94: the tokens charged per minute come back.
+    for _ in range(3):
+        refused = chat()
+        assert_openai_429(refused, code="quota_exceeded")
+        assert refused.headers["x-ratelimit-remaining-tokens"] == str(300 - 94)
+
+
 def test_model_restricted_key_sees_and_uses_only_its_models(client, app_config):
     key, _ = add_key(app_config["database_url"], models="some-other-model")
     headers = {"X-API-Key": key}
@@ -101,9 +238,6 @@ def test_revocation_is_immediate_on_every_api_process(two_apis):
     import datetime as dt
 
     from sqlalchemy import update
-
-    from api.db import ApiKey, Database
-    from config import Settings
 
     tmp, bases = two_apis
     url = f"sqlite:///{tmp / 'inferq.db'}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
-import redis
 from flask import Response, g, request
 from pydantic import BaseModel, ValidationError
 
@@ -13,6 +12,7 @@ from api import errors
 from api.admission import worst_case_tokens
 from api.extensions import services
 from api.protocol import ErrorResponse
+from api.ratelimit import TokenCharge
 from queueing.jobs import GenerationParams
 
 R = TypeVar("R", bound=BaseModel)
@@ -39,16 +39,17 @@ def parse_body(model: type[R]) -> R | ErrorResponse:
         return errors.from_validation_error(exc)
 
 
-def charge_tokens(params: GenerationParams) -> ErrorResponse | None:
-    """Charge the request's worst case against the caller's tokens per minute."""
+def token_charge(params: GenerationParams) -> TokenCharge:
+    """The request's worst case, for the gateway to charge against the caller's tokens per
+    minute once the request passed every other check."""
     svc, principal = services(), g.principal
     tokens = worst_case_tokens(params, svc.settings.max_model_len)
-    try:
-        decision = svc.rate_limits.hit_tokens(principal.key_id, principal.tpm, tokens)
-    except redis.RedisError:
-        return errors.unavailable("The queue is unavailable.", code="queue_unavailable")
-    g.ratelimit_headers = {**g.get("ratelimit_headers", {}), **decision.headers}
-    return decision.error
+    return TokenCharge(svc.rate_limits, principal.key_id, principal.tpm, tokens)
+
+
+def send_charge_headers(charge: TokenCharge) -> None:
+    """Add the ``x-ratelimit-*-tokens`` headers of a charge that was taken."""
+    g.ratelimit_headers = {**g.get("ratelimit_headers", {}), **charge.headers}
 
 
 def respond(result: BaseModel | ErrorResponse | Iterator[str], status: int = 200) -> Response:

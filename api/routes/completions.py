@@ -11,7 +11,7 @@ from api import serving
 from api.auth import require_api_key
 from api.extensions import services
 from api.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from api.routes.common import charge_tokens, parse_body, respond
+from api.routes.common import parse_body, respond, send_charge_headers, token_charge
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
 
@@ -21,10 +21,10 @@ def _endpoint(model: type[Any], serve: Callable[..., serving.Served]) -> Respons
     if isinstance(parsed, ErrorResponse):
         return respond(parsed)
     params = parsed.to_params()
-    refused = charge_tokens(params)
-    if refused is not None:
-        return respond(refused)
-    return respond(serve(services().gateway, parsed, params, g.principal))
+    charge = token_charge(params)  # taken by the gateway after its checks, before the job exists
+    served = serve(services().gateway, parsed, params, g.principal, charge)
+    send_charge_headers(charge)
+    return respond(served)
 
 
 @bp.post("/chat/completions")

@@ -8,7 +8,7 @@ from api import errors, job_serving
 from api.auth import require_api_key
 from api.extensions import services
 from api.protocol import ErrorResponse, JobCreateRequest
-from api.routes.common import charge_tokens, parse_body, respond
+from api.routes.common import parse_body, respond, send_charge_headers, token_charge
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 
@@ -23,10 +23,10 @@ def create() -> Response:
     params = job_serving.parse_job(parsed)
     if isinstance(params, ErrorResponse):
         return respond(params)
-    refused = charge_tokens(params)
-    if refused is not None:
-        return respond(refused)
-    return respond(job_serving.create_job(services().gateway, g.principal, parsed, params), status=202)
+    charge = token_charge(params)  # taken by the gateway after its checks, before the job exists
+    created = job_serving.create_job(services().gateway, g.principal, parsed, params, charge)
+    send_charge_headers(charge)
+    return respond(created, status=202)
 
 
 @bp.get("/jobs")
