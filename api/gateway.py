@@ -64,6 +64,8 @@ class JobStream:
         self._subscription = subscription
         self._finished = False
         self._completion_tokens = 0  # streamed so far: what a job whose worker died settles to
+        #: Checked while waiting: True once the client has hung up (the job is then cancelled).
+        self.client_gone: Callable[[], bool] = lambda: False
 
     def __iter__(self) -> Iterator[events.TokenEvent]:
         first = True
@@ -96,6 +98,10 @@ class JobStream:
                 return event
             if self._worker_lost():
                 return self._lost_error()
+            if self.client_gone():
+                log.info("job %s: the client hung up while waiting; cancelling", self.job_id)
+                self.cancel()
+                return events.Cancelled()
         return None
 
     def _worker_lost(self) -> bool:

@@ -7,10 +7,14 @@ differ only in their wire format, which a small format class owns.
 
 from __future__ import annotations
 
+import select
+import socket
 import time
 from collections.abc import Iterator
 from typing import Protocol
 
+from flask import has_request_context
+from flask import request as http_request
 from pydantic import BaseModel
 
 from api import errors, metrics, sse
@@ -139,6 +143,7 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
         timer.span.end(submitted.error.code)
         return submitted
     fmt = format_cls(submitted.job_id, request.model)
+    submitted.client_gone = client_hung_up
     stream = iter(submitted)
     # Wait for the first event before answering, so a request the engine
     # rejects (or a queue deadline) gets its proper HTTP status.
@@ -151,6 +156,22 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
     if request.stream:
         return _sse(fmt, first, stream, submitted, request.include_usage, timer, errors.current_request_id())
     return _buffered(fmt, first, stream, timer)
+
+
+def client_hung_up() -> bool:
+    """True when the client's connection is closed (checked while its job waits for a first event).
+
+    Only gunicorn exposes the socket (``gunicorn.socket``); elsewhere this is always False.
+    A readable socket that yields no bytes on a peek has been closed by the client.
+    """
+    sock = http_request.environ.get("gunicorn.socket") if has_request_context() else None
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 class _Timer:

@@ -221,3 +221,44 @@ def test_sigterm_to_the_api_drains_its_open_streams(redis_url, scripted_worker, 
         assert time.monotonic() - signalled < 15
     finally:
         api.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_that_hangs_up_before_the_first_token_cancels_its_job(redis_url, scripted_worker, redis_client,
+                                                                     tmp_path, stream):
+    """No byte has been written to the client yet, so only the socket tells that it left."""
+    import socket
+    import uuid
+
+    from tests.conftest import SCRIPTED_MODEL, TEST_KEY, start_api
+
+    api, base = start_api(redis_url, tmp_path, SERVED_MODEL_NAME=SCRIPTED_MODEL)
+    marker = f"m{uuid.uuid4().hex}"
+    payload = json.dumps({"model": SCRIPTED_MODEL, "max_tokens": 5, "stream": stream,
+                          "messages": [{"role": "user", "content": f"{marker} [[first_delay=30]]"}]}).encode()
+    host, port = base.removeprefix("http://").split(":")
+    try:
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {TEST_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                     + payload)
+
+        found: list[jobs.JobRecord] = []
+
+        def job_started() -> bool:
+            for key in redis_client.scan_iter(keys.job("*")):
+                record = jobs.get(redis_client, key.removeprefix(keys.job("")))
+                running = record is not None and record.status is JobStatus.RUNNING
+                if running and marker in json.dumps(record.params.to_dict()):
+                    found.append(record)
+                    return True
+            return False
+
+        wait_for(job_started, 10, "the job to start")
+        job_id = found[0].id
+        sock.close()
+        hung_up = time.monotonic()
+        wait_for(lambda: jobs.get(redis_client, job_id).status is JobStatus.CANCELLED, 10, "the job's cancel")
+        assert time.monotonic() - hung_up < 5  # within a few heartbeat steps, not the 30 s first-token wait
+    finally:
+        api.stop()
