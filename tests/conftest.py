@@ -8,6 +8,7 @@ tests use the scripted engine (a named test double), the slow ones vLLM.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -128,6 +129,21 @@ def start_worker(redis_url: str, tmp: Path, model: str, timeout: float, **extra:
         print(worker.log_tail())
         raise
     return worker
+
+
+def add_key(database_url: str, **limits: Any) -> tuple[str, str]:
+    """Insert a key with limits into the app's database; returns (key, public id)."""
+    from api.auth import hash_key
+    from api.db import ApiKey, Database
+    from config import Settings
+
+    db = Database(Settings(database_url=database_url))
+    db.create_schema()
+    key, public_id = f"iq-{secrets.token_urlsafe(24)}", f"key_{secrets.token_hex(8)}"
+    with db.sessions.begin() as session:
+        session.add(ApiKey(public_id=public_id, name="test-key", key_hash=hash_key(key),
+                           prefix=key[:6] + "...", **limits))
+    return key, public_id
 
 
 def start_api(redis_url: str, tmp: Path, **extra: str) -> tuple[Process, str]:

@@ -23,8 +23,7 @@ from api.db import Database, StoredFile
 from api.files import CHUNK_BYTES, FilePage, FileStore
 from api.protocol import ErrorResponse
 from config import Settings
-from tests.conftest import TEST_KEY, start_api
-from tests.test_metering import add_key
+from tests.conftest import TEST_KEY, add_key, start_api
 
 CHAT = "/v1/chat/completions"
 

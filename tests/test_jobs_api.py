@@ -8,8 +8,7 @@ import pytest
 
 from queueing import jobs
 from queueing.jobs import JobStatus
-from tests.conftest import SCRIPTED_MODEL
-from tests.test_metering import add_key
+from tests.conftest import SCRIPTED_MODEL, add_key
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
 

@@ -7,7 +7,6 @@ Flask app in-process; the concurrency test fires at two gunicorn API processes.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,27 +14,15 @@ import httpx
 import pytest
 
 from api import admission
-from api.auth import hash_key
-from api.db import ApiKey, Database
-from config import Settings
 from queueing import keys, metering
 from queueing.jobs import GenerationParams
-from tests.conftest import SCRIPTED_MODEL
+from tests.conftest import SCRIPTED_MODEL, add_key
 from tests.sse_client import chunks, frames
 from tests.test_batches import chat_line, upload, wait_for
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
 
 
-def add_key(database_url: str, **limits) -> tuple[str, str]:
-    """Insert a key with limits into the app's database; returns (key, public id)."""
-    db = Database(Settings(database_url=database_url))
-    db.create_schema()
-    key, public_id = f"iq-{secrets.token_urlsafe(24)}", f"key_{secrets.token_hex(8)}"
-    with db.sessions.begin() as session:
-        session.add(ApiKey(public_id=public_id, name="metered", key_hash=hash_key(key),
-                           prefix=key[:6] + "...", **limits))
-    return key, public_id
 
 
 def chat(text: str, **extra):

@@ -76,7 +76,7 @@ def test_in_process_metrics_page(client, scripted_worker):
 
 def test_rejections_are_counted_by_reason(client, app_config, scripted_worker):
     from api import create_app
-    from tests.test_metering import add_key
+    from tests.conftest import add_key
 
     before = samples(client.get("/metrics").get_data(as_text=True))
     key, _ = add_key(app_config["database_url"], daily_tokens=10, rpm=1)

@@ -11,23 +11,13 @@ import httpx
 import pytest
 
 from api import create_app
-from api.auth import hash_key
 from api.db import ApiKey, Database
 from config import Settings
-from tests.conftest import SCRIPTED_MODEL, TEST_KEY, start_api
+from tests.conftest import SCRIPTED_MODEL, TEST_KEY, add_key, start_api
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
 
 
-def add_key(database_url: str, **limits) -> tuple[str, str]:
-    """Insert a key with limits into the app's database; returns (key, public id)."""
-    db = Database(Settings(database_url=database_url))
-    db.create_schema()
-    key, public_id = f"iq-{secrets.token_urlsafe(24)}", f"key_{secrets.token_hex(8)}"
-    with db.sessions.begin() as session:
-        session.add(ApiKey(public_id=public_id, name="limited", key_hash=hash_key(key),
-                           prefix=key[:6] + "...", **limits))
-    return key, public_id
 
 
 def a_client_address() -> dict[str, str]:

@@ -15,8 +15,8 @@ from api.db import Database
 from api.ledger import Ledger
 from queueing import jobs, keys, metering
 from queueing.jobs import GenerationParams, JobRecord, JobStatus
-from tests.conftest import SCRIPTED_MODEL
-from tests.test_metering import add_key, chat
+from tests.conftest import SCRIPTED_MODEL, add_key
+from tests.test_metering import chat
 
 TTL = 600
 
