@@ -9,9 +9,11 @@ stopped only after they have all exited, so their last Redis calls succeed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from urllib.parse import urlparse
 import click
 import redis
 from honcho import environ
+from honcho.compat import ProcessManager
 from honcho.manager import Manager
 from honcho.printer import Printer
 from rich.console import Console
@@ -89,6 +92,20 @@ def ensure_model() -> None:
             style="yellow", markup=False, highlight=False)
 
 
+class LeaderFirst(ProcessManager):
+    """SIGTERM to each process only, SIGKILL to its whole group.
+
+    honcho signals the process group, so a worker's vLLM EngineCore would get SIGTERM
+    at the same moment as the worker and die under the requests Celery's warm shutdown
+    is still finishing. The leader stops its own children in order instead (the worker
+    its engine, gunicorn its workers); the final SIGKILL still reaches every one.
+    """
+
+    def terminate(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+            os.kill(pid, signal.SIGTERM)
+
+
 class GracefulManager(Manager):
     """honcho's Manager, waiting ``kill_wait`` seconds after SIGTERM before SIGKILL.
 
@@ -103,6 +120,7 @@ class GracefulManager(Manager):
         super().__init__(printer)
         self.kill_wait = kill_wait
         self._stopping_since: float | None = None
+        self._procmgr = LeaderFirst()
 
     def terminate(self) -> None:
         if self._stopping_since is None:
