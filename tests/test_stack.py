@@ -68,6 +68,41 @@ def test_a_process_that_will_not_stop_is_killed_after_the_kill_wait(
     assert took < 10, out
 
 
+LEADER_WITH_CHILD = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", (
+    "import signal, sys, time\\n"
+    "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], 'w').write('signalled'), sys.exit(0)))\\n"
+    "time.sleep(60)"), sys.argv[1]])
+def stop(signum, frame):
+    time.sleep(0.5)  # a warm shutdown: the child must still be working meanwhile
+    alive = child.poll() is None
+    child.terminate()
+    child.wait()
+    sys.exit(0 if alive else 4)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(60)
+"""
+
+
+def test_sigterm_reaches_the_leader_only_its_children_stop_in_its_order(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker's vLLM engine process must outlive the worker's warm shutdown."""
+    leader, marker = tmp_path / "leader.py", tmp_path / "child-signalled"
+    leader.write_text(LEADER_WITH_CHILD)
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(f"quick: sleep 1\nleader: exec {sys.executable} {leader} {marker}\n")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_processes(procfile, ("quick", "leader"), dict(os.environ), 10)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out = capsys.readouterr().out
+    assert "leader stopped (rc=0)" in out, out  # rc 4: its child had been signalled with it
+    assert marker.read_text() == "signalled"  # ...by the leader, afterwards
+
+
 def live_sessions(session_ids: set[int]) -> list[str]:
     """Processes (not zombies) still running in any of these sessions."""
     alive = []
