@@ -63,6 +63,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ledger.hooks.append(batches_runner.on_settled)  # finished batch lines ride on the usage stream
     app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway, ledger,
                                         KeyRateLimiter(settings.redis_url), files_store, batches_runner)
+    batches_runner.principal_for = app.extensions["inferq"].keys.principal_for
     if settings.ledger_drain:
         ledger.start_background()
         batches_runner.start_resumer(app.extensions["inferq"].keys.principal_for)

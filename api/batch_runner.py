@@ -81,6 +81,8 @@ class BatchRunner:
         self.gateway = gateway
         self.outputs = BatchOutputs(files, store)
         self.lease = BatchLease(gateway.redis)
+        #: Looks a key up again while its batch dispatches (None: revoked, expired or gone).
+        self.principal_for: Callable[[str], Principal | None] | None = None
 
     # --- dispatch -----------------------------------------------------------
 
@@ -178,7 +180,14 @@ class BatchRunner:
 
     def _may_dispatch(self, batch_id: str) -> bool:
         batch = self.store.get(batch_id)
-        return batch is not None and batch.status in OPEN and not is_due(batch)
+        if batch is None or batch.status not in OPEN or is_due(batch):
+            return False
+        if self.principal_for is not None and self.principal_for(batch.key_id) is None:
+            # Revoked or expired while dispatching: stop, and cancel what is queued, as a cancel does.
+            log.warning("batch %s: its API key was revoked; cancelling it", batch_id)
+            self.store.update(batch_id, only_if_status=OPEN, status="cancelling", cancelling_at=now())
+            return False
+        return True
 
     def _status(self, batch_id: str) -> str | None:
         batch = self.store.get(batch_id)

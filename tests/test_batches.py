@@ -370,3 +370,28 @@ def test_paging_after_an_unknown_batch_is_a_400(client, headers):
     assert resp.status_code == 400
     assert resp.json["error"]["param"] == "after" and set(resp.json["error"]) == {
         "message", "type", "param", "code"}
+
+
+def test_a_batch_whose_key_is_revoked_stops_dispatching_and_is_cancelled(client, headers, app, monkeypatch):
+    import api.batch_runner
+
+    runner = app.extensions["inferq"].batches
+    looked_up: list[str] = []
+    real_lookup = runner.principal_for
+
+    def revoked_after_two_looks(key_id: str):
+        looked_up.append(key_id)
+        return real_lookup(key_id) if len(looked_up) <= 2 else None  # revoked at the third look
+
+    monkeypatch.setattr(api.batch_runner, "CHECK_EVERY", 5)
+    runner.principal_for = revoked_after_two_looks
+    lines = [chat_line(f"r-{i}", "[[delay=0.05]] go", 4) for i in range(60)]
+    batch = client.post("/v1/batches", headers=headers, json={
+        "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}).json
+    batch = wait_for(client, headers, batch["id"], ("cancelled",))
+    assert len(looked_up) == 3
+    counts = batch["request_counts"]
+    assert counts["total"] == 60
+    assert counts["completed"] + counts["failed"] <= 10  # lines 1-10 went out before the third look
+    assert batch["output_file_id"] or batch["error_file_id"]  # what went out is reported
