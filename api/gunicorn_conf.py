@@ -3,6 +3,7 @@ master process does not import the app before gevent patches its workers."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -29,3 +30,28 @@ def on_exit(server: Any) -> None:
     owned = os.environ.get(OWNED_METRICS_DIR)
     if owned:
         shutil.rmtree(owned, ignore_errors=True)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Answer requests gunicorn refuses itself (malformed headers, duplicate
+    ``Content-Length``, header fields over its limits) in OpenAI's error shape.
+
+    gunicorn writes those pages with ``gunicorn.util.write_error`` (HTML) before any
+    WSGI code runs, so the app's error handlers never see them; replacing that one
+    function in our worker processes is the only hook it offers.
+    """
+    from gunicorn import util
+
+    util.write_error = write_openai_error
+
+
+def write_openai_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``write_error``, with an OpenAI-shaped JSON body instead of HTML."""
+    from gunicorn import util
+
+    error_type = "invalid_request_error" if status_int < 500 else "server_error"
+    body = json.dumps({"error": {"message": mesg or reason, "type": error_type, "param": None,
+                                 "code": None}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin1") + body)

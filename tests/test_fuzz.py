@@ -353,9 +353,11 @@ def test_odd_request_id_is_replaced(http: httpx.Client) -> None:
 ], ids=["header over gunicorn's field limit", "two Content-Length", "Content-Length not a number",
         "two Content-Type"])
 def test_malformed_http_is_refused_by_gunicorn(base: str, request_bytes: bytes) -> None:
-    """gunicorn answers these itself, before the app (in HTML, not OpenAI's shape): a 4xx, never a 5xx."""
-    status, _ = raw_request(base, request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+    """gunicorn answers these itself, before the app: a 4xx, never a 5xx, in OpenAI's shape
+    (``api/gunicorn_conf.py`` replaces its HTML page)."""
+    status, body = raw_request(base, request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
     assert 400 <= status < 500
+    assert_openai_error(status, body)
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
