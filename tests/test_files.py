@@ -1,9 +1,9 @@
-"""Files API (/v1/files): uploads checked line by line, per-key isolation, content round trips,
-size limits; FileStore on SQLite and PostgreSQL. The real app in-process, no worker needed."""
+"""Files API (/v1/files): uploads checked line by line and streamed into FILES_DIR, per-key
+isolation, content round trips, size limits. The real app in-process, no worker needed.
+FileStore alone: test_file_store.py; the SDK against gunicorn: test_files_live.py."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import os
@@ -13,17 +13,10 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
-from sqlalchemy import update
 
 from api import create_app
-from api.db import Database, StoredFile
-from api.files import CHUNK_BYTES, FilePage, FileStore
-from api.protocol import ErrorResponse
-from config import Settings
-from tests.conftest import TEST_KEY, add_key, start_api
+from tests.conftest import TEST_KEY, add_key
 
 CHAT = "/v1/chat/completions"
 
@@ -397,140 +390,3 @@ def test_storage_failure_is_a_500_naming_the_request_id(app_config, auth, tmp_pa
     r = upload(client, jsonl(request_line()), {**auth, "X-Request-ID": "req-files-1"})
     assert r.status_code == 500
     assert r.json["error"]["type"] == "server_error" and "req-files-1" in r.json["error"]["message"]
-
-
-# --- FileStore ------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(database: Database, database_url: str, tmp_path: Path) -> FileStore:
-    return FileStore(database, Settings(_env_file=None, database_url=database_url,
-                                        files_dir=str(tmp_path / "store"), max_file_lines=100))
-
-
-class ChunkCheckingStream(io.BytesIO):
-    """A request body that fails the test if read whole rather than in chunks."""
-
-    def read(self, size: int | None = -1) -> bytes:
-        assert size is not None and 0 < size <= CHUNK_BYTES
-        return super().read(size)
-
-
-def test_store_upload_then_iter_lines(store):
-    first, second = request_line("a"), request_line("b")
-    content = jsonl(first) + b"\n" + jsonl(second)
-    info = store.save_upload("key_1", "two.jsonl", "batch", ChunkCheckingStream(content))
-    assert not isinstance(info, ErrorResponse)
-    assert (info.key_id, info.filename, info.purpose, info.line_count) == ("key_1", "two.jsonl", "batch", 2)
-    assert info.path == f"{info.id}.jsonl" and store.path_of(info) == store.root / info.path
-    assert list(store.iter_lines(info)) == [(1, first), (3, second)]
-    assert store.get("key_1", info.id) == info
-    assert store.get("key_2", info.id) is None
-
-
-def test_store_create_output(store):
-    lines = ['{"custom_id":"a","response":null}', '{"custom_id":"b","response":null}\n', ""]
-    info = store.create_output("key_1", "batch_x_output.jsonl", lines)
-    assert (info.purpose, info.line_count, info.filename) == ("batch_output", 2, "batch_x_output.jsonl")
-    content = store.path_of(info).read_bytes()
-    assert content == b'{"custom_id":"a","response":null}\n{"custom_id":"b","response":null}\n'
-    assert info.bytes == len(content)
-    assert [n for n, _ in store.iter_lines(info)] == [1, 2]
-    assert [line["custom_id"] for _, line in store.iter_lines(info)] == ["a", "b"]
-    assert sorted(p.name for p in store.root.iterdir()) == [info.path]  # no temporary file left
-
-
-def test_store_list_orders_ties_by_id_and_filters(store, database):
-    infos = [store.create_output("key_1", f"{i}.jsonl", ['{"i":1}']) for i in range(5)]
-    with database.sessions.begin() as session:  # one timestamp for all: the id breaks the tie
-        session.execute(update(StoredFile).values(created_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))
-    pages, after = [], None
-    while True:
-        page = store.list("key_1", 2, after)
-        assert isinstance(page, FilePage)
-        pages.append([info.id for info in page.data])
-        if not page.has_more:
-            break
-        after = page.data[-1].id
-    assert [len(p) for p in pages] == [2, 2, 1]
-    assert sum(pages, []) == sorted((info.id for info in infos), reverse=True)
-    assert store.list("key_2", 10, None) == FilePage([], has_more=False)
-    assert store.list("key_1", 10, None, purpose="batch") == FilePage([], has_more=False)
-    assert isinstance(store.list("key_2", 10, infos[0].id), ErrorResponse)  # another key's id
-
-
-def test_store_delete(store):
-    info = store.create_output("key_1", "o.jsonl", ['{"a":1}'])
-    assert store.delete("key_2", info.id) is False and store.path_of(info).exists()
-    assert store.delete("key_1", info.id) is True
-    assert not store.path_of(info).exists() and store.get("key_1", info.id) is None
-    assert store.delete("key_1", info.id) is False
-
-
-# --- the official SDK against the real server (gunicorn + gevent) ---------------------
-
-
-@pytest.fixture(scope="module")
-def live_api(redis_url, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("files-api")
-    api, base = start_api(redis_url, tmp, FILES_DIR=str(tmp / "files"), MAX_FILE_BYTES="65536")
-    yield base, tmp / "files"
-    api.stop()
-
-
-def test_openai_sdk_round_trip(live_api, tmp_path):
-    base, files_dir = live_api
-    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key=TEST_KEY, max_retries=0)
-    path = tmp_path / "requests.jsonl"
-    path.write_bytes(jsonl(request_line("a"), request_line("b")))
-
-    with path.open("rb") as handle:
-        created = sdk.files.create(file=handle, purpose="batch")
-    assert created.id.startswith("file-") and created.object == "file"
-    assert (created.filename, created.purpose, created.bytes, created.status) == (
-        "requests.jsonl", "batch", path.stat().st_size, "processed")
-    assert (files_dir / f"{created.id}.jsonl").read_bytes() == path.read_bytes()
-
-    assert sdk.files.retrieve(created.id) == created
-    assert created.id in [f.id for f in sdk.files.list()]
-    assert [f.id for f in sdk.files.list(purpose="batch")] == [created.id]
-    assert sdk.files.content(created.id).text == path.read_text()
-    assert sdk.files.content(created.id).content == path.read_bytes()
-
-    deleted = sdk.files.delete(created.id)
-    assert deleted.id == created.id and deleted.deleted is True
-    with pytest.raises(openai.NotFoundError) as caught:
-        sdk.files.retrieve(created.id)
-    assert caught.value.code == "file_not_found"
-    assert not (files_dir / f"{created.id}.jsonl").exists()
-
-
-def test_openai_sdk_sees_validation_errors(live_api, tmp_path):
-    base, _ = live_api
-    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key=TEST_KEY, max_retries=0)
-    with pytest.raises(openai.BadRequestError) as caught:
-        sdk.files.create(file=("bad.jsonl", jsonl(request_line("a"), request_line("a"))), purpose="batch")
-    assert caught.value.code == "invalid_file" and caught.value.param == "file"
-    assert "line 2: duplicate custom_id 'a'" in caught.value.message
-
-
-def test_live_uploads_past_max_request_bytes_and_chunked_oversize(live_api):
-    base, _ = live_api
-    headers = {"Authorization": f"Bearer {TEST_KEY}"}
-    content = jsonl(*[request_line(f"r{i}", body={"model": "m", "prompt": "p" * 100}) for i in range(300)])
-    assert 4 * 1024 * 1024 > len(content) > 32 * 1024
-    r = httpx.post(f"{base}/v1/files", headers=headers, data={"purpose": "batch"},
-                   files={"file": ("big.jsonl", content)}, timeout=30)
-    assert r.status_code == 200, r.text
-    assert r.json()["bytes"] == len(content)
-
-    def chunks():  # no Content-Length: Transfer-Encoding: chunked
-        yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n"
-        for _ in range(64):
-            yield b"x" * 4096
-        yield b"\r\n--xyz--\r\n"
-
-    r = httpx.post(f"{base}/v1/files", content=chunks(), timeout=30,
-                   headers={**headers, "Content-Type": "multipart/form-data; boundary=xyz"})
-    assert r.status_code == 413
-    assert r.json()["error"]["type"] == "invalid_request_error"
