@@ -170,6 +170,8 @@ def client_hung_up() -> bool:
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except ValueError:  # a TLS socket cannot peek: no check there
+        return False
     except OSError:
         return True
 
