@@ -36,6 +36,16 @@ def _queue_unavailable() -> ErrorResponse:
     return errors.unavailable("The queue is unavailable; try again shortly.", code="queue_unavailable")
 
 
+def _give_back(charge: Charge | None) -> None:
+    """Refund a per-minute charge for a job that will not run (best effort: Redis may be down)."""
+    if charge is None:
+        return
+    try:
+        charge.give_back()
+    except redis.RedisError:
+        log.warning("could not refund a per-minute token charge")
+
+
 class Payer(Protocol):
     """Whose tokens a job spends (an authenticated key)."""
 
@@ -173,14 +183,18 @@ class Gateway:
             subscription = EventSubscription(self.redis, record.id)
             try:
                 quota_error = self._create(record, charge=charge)
-                if quota_error is not None:
-                    subscription.close()
-                    return quota_error
+            except BaseException:
+                subscription.close()
+                raise
+            if quota_error is not None:
+                subscription.close()
+                return quota_error
+            try:
                 enqueue_generation(self.celery, record.id, params.to_dict(), params.model,
                                    request_id=logs.request_id.get())
             except BaseException:
                 subscription.close()
-                self._abandon(record.id)
+                self._abandon(record.id, charge)
                 raise
         except (redis.RedisError, OperationalError, OSError):
             return _queue_unavailable()
@@ -225,7 +239,7 @@ class Gateway:
                 enqueue_generation(self.celery, record.id, params.to_dict(), params.model, batch=True,
                                    request_id=logs.request_id.get())
             except BaseException:
-                self._abandon(record.id)
+                self._abandon(record.id, charge)
                 raise
         except (redis.RedisError, OperationalError, OSError):
             return _queue_unavailable()
@@ -261,17 +275,20 @@ class Gateway:
             log.info("quota: key %s refused %d tokens (%d used, %d reserved of %d)",
                      record.key_id, record.reserved_tokens, exc.used, exc.reserved, exc.limit)
             metrics.REJECTIONS.labels("quota").inc()
-            if charge is not None:
-                charge.give_back()
+            _give_back(charge)
             return errors.error(
                 429, f"This request needs up to {record.reserved_tokens} tokens, which would exceed your "
                 f"daily quota of {exc.limit} tokens ({exc.used} used, {exc.reserved} held by requests "
                 "in flight).", "insufficient_quota", "quota_exceeded",
                 retry_after=metering.seconds_until_next_day())
+        except BaseException:  # no job was created (Redis failed, or it exists): no charge either
+            _give_back(charge)
+            raise
         return None
 
-    def _abandon(self, job_id: str) -> None:
-        """Fail a job that could not be enqueued, releasing its reservation."""
+    def _abandon(self, job_id: str, charge: Charge | None = None) -> None:
+        """Fail a job that could not be enqueued, releasing its reservation and its per-minute charge."""
+        _give_back(charge)
         try:
             jobs.transition(self.redis, job_id, jobs.JobStatus.FAILED, self.settings.job_ttl,
                             only_from=jobs.JobStatus.QUEUED, finished_at=time.time(),

@@ -110,8 +110,11 @@ class Ledger:
         deadline = time.monotonic() + timeout
         while True:
             self.drain()
-            pending: Any = self.redis.xpending(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP)
-            if not pending["pending"] or time.monotonic() >= deadline:
+            # Only entries a live consumer is writing now: a dead consumer's wait for XAUTOCLAIM.
+            pending: Any = self.redis.xpending_range(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP,
+                                                     min="-", max="+", count=100)
+            busy = [p for p in pending if p["time_since_delivered"] < CLAIM_IDLE_MS]
+            if not busy or time.monotonic() >= deadline:
                 return
             time.sleep(0.02)
 

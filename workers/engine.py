@@ -210,6 +210,7 @@ class VllmEngine:
         with self._lock:
             self._running[request_id] = future
         completion_tokens = 0
+        unsent = 0  # tokens of steps that produced no text yet (counted in the next delta)
         finish_reason = None
         ended = False
         try:
@@ -233,8 +234,10 @@ class VllmEngine:
                     tokens += len(completion.token_ids)
                     finish_reason = completion.finish_reason or finish_reason
                 completion_tokens += tokens
+                unsent += tokens
                 if any(text):
-                    yield events.Delta("".join(text), tokens)
+                    yield events.Delta("".join(text), unsent)
+                    unsent = 0
         finally:
             with self._lock:
                 self._running.pop(request_id, None)

@@ -29,6 +29,9 @@ def create() -> Response:
             upload.stream if upload else None))
 
 
+MAX_FORM_PARTS = 8  # a file and a purpose (and what SDKs add): not werkzeug's 1,000 open temp files
+
+
 def parse_upload(spool: UploadSpool) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage]]:
     """The request's form fields and file parts, each file part streamed into ``spool``.
 
@@ -37,7 +40,7 @@ def parse_upload(spool: UploadSpool) -> tuple[MultiDict[str, str], MultiDict[str
     """
     parser = FormDataParser(spool, max_form_memory_size=request.max_form_memory_size,
                             max_content_length=request.max_content_length,
-                            max_form_parts=request.max_form_parts, cls=MultiDict)
+                            max_form_parts=MAX_FORM_PARTS, cls=MultiDict)
     _, form, files = parser.parse(request.stream, request.mimetype, request.content_length,
                                   request.mimetype_params)
     return form, files
