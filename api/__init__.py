@@ -7,7 +7,6 @@ import re
 import uuid
 from typing import Any
 
-import redis
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -20,7 +19,7 @@ from api.extensions import Services
 from api.files import FileStore
 from api.gateway import Gateway
 from api.ledger import Ledger
-from api.ratelimit import AuthAttempt, AuthFailureGate, KeyRateLimiter, ip_limiter
+from api.ratelimit import AUTH_GATE, AuthFailureGate, KeyRateLimiter, ip_limiter
 from api.routes import batches, completions, files, health, jobs, models, openapi, usage
 from config import Settings, get_settings, logs, tracing
 from queueing.celery_app import make_celery
@@ -78,40 +77,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limiter.limit(settings.ip_rate_limit)(health.bp)
     limiter.limit(settings.ip_rate_limit)(openapi.bp)
     api_blueprints = (models.bp, completions.bp, jobs.bp, usage.bp, files.bp, batches.bp)
-    _register_auth_gate(app, AuthFailureGate(client, settings.auth_failure_limit),
-                        {blueprint.name for blueprint in api_blueprints})
+    # One brute-force budget per client address over every /v1 endpoint: require_api_key
+    # asks the gate once it checked the key.
+    app.extensions[AUTH_GATE] = AuthFailureGate(client, settings.auth_failure_limit)
     for blueprint in (health.bp, openapi.bp, *api_blueprints):
         app.register_blueprint(blueprint)
     return app
-
-
-def _register_auth_gate(app: Flask, gate: AuthFailureGate, blueprints: set[str]) -> None:
-    """One brute-force budget per client address over every authenticated endpoint.
-
-    Each request takes a slot before its key is checked; ``require_api_key`` settles it
-    as soon as the key is known, and the response settles what is left (a missing key).
-    """
-
-    @app.before_request
-    def _take_auth_slot() -> Response | None:
-        if request.blueprint not in blueprints:
-            return None
-        try:
-            slot = gate.reserve(request.remote_addr or "unknown")
-        except redis.RedisError:
-            log.warning("auth failure gate unavailable; request let through")
-            return None
-        if not isinstance(slot, AuthAttempt):
-            return errors.to_response(slot)
-        g.auth_attempt = slot
-        return None
-
-    @app.after_request
-    def _settle_auth_slot(response: Response) -> Response:
-        attempt: AuthAttempt | None = g.get("auth_attempt")
-        if attempt is not None:
-            attempt.settle(refused=response.status_code == 401)
-        return response
 
 
 def _too_large(limit: int) -> Response:

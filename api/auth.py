@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from api import errors, metrics
 from api.db import ApiKey, Database
 from api.extensions import services
-from api.ratelimit import settle_auth_attempt
+from api.ratelimit import auth_gate
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +132,23 @@ def presented_key() -> str | None:
 
 
 def require_api_key(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Reject the request with 401 unless it carries a valid key; sets ``g.principal``."""
+    """Reject the request with 401 unless it carries a valid key (429 once its address used
+    up its budget of refused keys, ``api.ratelimit.AuthFailureGate``); sets ``g.principal``."""
 
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         key = presented_key()
+        principal = services().keys.verify(key) if key is not None else None
+        # The brute-force gate, in one Redis call: a refused key counts as a failure (or is
+        # answered 429 once the address is blocked); a valid key only checks the block.
+        blocked = auth_gate(refused=principal is None)
+        if blocked is not None:
+            return errors.to_response(blocked)
         if key is None:
             metrics.AUTH_FAILURES.labels("missing_key").inc()
             return errors.to_response(errors.error(
                 401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                 "or 'X-API-Key: <key>'.", "invalid_request_error", "missing_api_key"))
-        principal = services().keys.verify(key)
-        settle_auth_attempt(refused=principal is None)  # the brute-force slot, freed or counted
         if principal is None:
             log.info("rejected API key %s", display_prefix(key))
             metrics.AUTH_FAILURES.labels("invalid_key").inc()

@@ -14,7 +14,7 @@ use the ``limits`` library (Flask-Limiter's engine) directly over Redis:
 
 Per IP limits on the probe endpoints are plain Flask-Limiter. Refused keys are
 counted per client address by :class:`AuthFailureGate` (a Lua script, because
-Flask-Limiter counts after the response, so parallel guesses all pass its check).
+Flask-Limiter counts after the response, so parallel guesses would all pass its check).
 All counters live in Redis, so the limits hold across API processes and hosts.
 """
 
@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import redis
-from flask import Flask, Response, g
+from flask import Flask, Response, current_app, request
 from flask_limiter import Limiter, RequestLimit
 from flask_limiter.util import get_remote_address
 from limits import RateLimitItemPerMinute, parse
@@ -178,41 +178,41 @@ def ip_limiter(app: Flask, settings: Settings) -> Limiter:
 
 
 AUTH_ATTEMPTS = f"{keys.RATE_LIMIT_PREFIX}:auth"
-#: A slot never settled (its process died mid-request) frees itself after this many seconds.
-PENDING_TTL = 30
-#: How long an attempt waits for slots held by attempts whose key is still being checked.
-BUSY_WAIT, BUSY_POLL = 2.0, 0.005
+#: Where :func:`create_app` puts the app's :class:`AuthFailureGate` (``app.extensions``).
+AUTH_GATE = "inferq.auth_gate"
 
-# KEYS[1]: the address's refused attempts, KEYS[2]: its attempts being checked (sorted sets,
-# attempt id -> Redis server time). ARGV: window, pending TTL (seconds), limit, attempt id.
-# Returns 1 (slot taken), -1 (busy: the free slots are held by attempts being checked),
-# or 0 and the seconds until the oldest failure leaves the window (blocked).
-_RESERVE_AUTH_LUA = """
+# KEYS[1]: the address's refused attempts (a sorted set, attempt id -> Redis server time).
+# ARGV: window (seconds), limit. Both scripts return {0, 0} if the address may go on, or
+# {1, seconds until it may} if it is blocked: until enough failures left the window for
+# fewer than ``limit`` to remain.
+_BLOCKED_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local window, limit = tonumber(ARGV[1]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
-local failures = redis.call('ZCARD', KEYS[1])
-if failures >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, math.max(1, math.ceil(tonumber(oldest[2] or now) + window - now))}
+local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cutoff = string.format('%.6f', now - window)  -- failures at or before it are out
+local function blocked()
+  local count = redis.call('ZCOUNT', KEYS[1], '(' .. cutoff, '+inf')
+  if count < limit then return nil end
+  local freeing = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. cutoff, '+inf', 'WITHSCORES',
+                             'LIMIT', count - limit, 1)
+  return {1, math.max(1, math.ceil(tonumber(freeing[2]) + window - now))}
 end
-if failures + redis.call('ZCARD', KEYS[2]) >= limit then return {-1, 1} end
-redis.call('ZADD', KEYS[2], now, ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return {1, 0}
 """
 
-# KEYS as above. ARGV: window, '1' if the key was refused, attempt id.
-_SETTLE_AUTH_LUA = """
-redis.call('ZREM', KEYS[2], ARGV[3])
-if ARGV[2] == '1' then
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-end
-return 1
+# Read only: is the address blocked?
+_CHECK_AUTH_LUA = _BLOCKED_LUA + """
+return blocked() or {0, 0}
+"""
+
+# One refused key (ARGV[3]: a unique attempt id): counted as a failure unless the address
+# is already blocked; failures older than the window are dropped first.
+_REFUSE_AUTH_LUA = _BLOCKED_LUA + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+local verdict = blocked()
+if verdict then return verdict end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('EXPIRE', KEYS[1], math.ceil(window))
+return {0, 0}
 """
 
 
@@ -220,70 +220,54 @@ class AuthFailureGate:
     """Brute-force protection: at most ``limit`` refused keys per client address and
     window, over every /v1 endpoint and every API process.
 
-    Exact under concurrency: an attempt takes a slot before its key is checked and keeps
-    it only if the key is refused. While the free slots are all held by attempts being
-    checked (milliseconds each), further attempts wait for them rather than pass; once
-    ``limit`` keys were refused the address gets 429 on /v1, valid keys included, until
-    the oldest failure leaves the window. Fails open if Redis is unreachable.
+    ``require_api_key`` checks the key first, then makes one Redis call: a refused (or
+    missing) key is counted by an atomic script that adds it only while the address has
+    fewer than ``limit`` failures in the window, so parallel guesses get exactly ``limit``
+    401s and 429 after that; a valid key only reads whether the address is blocked. Once
+    blocked, the address gets 429 on /v1, valid keys included, until enough failures left
+    the window. Fails open (with a warning) if Redis is unreachable.
     """
 
     def __init__(self, client: redis.Redis, limit: str):
         item = parse(limit)
         self.limit, self.window, self.text = item.amount, item.get_expiry(), limit
-        self._reserve = client.register_script(_RESERVE_AUTH_LUA)
-        self._settle = client.register_script(_SETTLE_AUTH_LUA)
+        self._check = client.register_script(_CHECK_AUTH_LUA)
+        self._refuse = client.register_script(_REFUSE_AUTH_LUA)
 
     @staticmethod
-    def _keys(address: str) -> list[str]:
-        tag = f"{AUTH_ATTEMPTS}:{{{address}}}"  # one hash slot for both sets
-        return [f"{tag}:refused", f"{tag}:checking"]
+    def key(address: str) -> str:
+        """The address's refused attempts (hash-tagged by address: one cluster slot each)."""
+        return f"{AUTH_ATTEMPTS}:{{{address}}}:refused"
 
-    def reserve(self, address: str) -> AuthAttempt | errors.ErrorResponse:
-        """A slot for one attempt from ``address``, or the 429 that blocks it."""
-        attempt_id = uuid.uuid4().hex
-        deadline = time.monotonic() + BUSY_WAIT
-        while True:
-            status, retry = self._reserve(keys=self._keys(address),
-                                          args=[self.window, PENDING_TTL, self.limit, attempt_id])
-            if status == 1:
-                return AuthAttempt(self, address, attempt_id)
-            if status == 0 or time.monotonic() >= deadline:
-                break
-            time.sleep(BUSY_POLL)
+    def blocked(self, address: str) -> errors.ErrorResponse | None:
+        """The 429 for an address that used up its budget, else ``None`` (read only)."""
+        status, retry = self._check(keys=[self.key(address)], args=[self.window, self.limit])
+        return self._too_many(int(retry)) if status else None
+
+    def refuse(self, address: str) -> errors.ErrorResponse | None:
+        """Count a refused key from ``address``: ``None`` if it was counted (answer 401),
+        or the 429 if the address was already blocked (it is not counted then)."""
+        status, retry = self._refuse(keys=[self.key(address)],
+                                     args=[self.window, self.limit, uuid.uuid4().hex])
+        return self._too_many(int(retry)) if status else None
+
+    def _too_many(self, retry: int) -> errors.ErrorResponse:
         metrics.REJECTIONS.labels("ip_limit").inc()
         return errors.error(
             429, f"Too many failed authentication attempts from your address ({self.text}). "
-            f"Try again in {int(retry)}s.", "requests", "rate_limit_exceeded", retry_after=int(retry))
-
-    def settle(self, attempt: AuthAttempt, refused: bool) -> None:
-        """Free ``attempt``'s slot, or count it as a failure."""
-        self._settle(keys=self._keys(attempt.address),
-                     args=[self.window, "1" if refused else "0", attempt.id])
+            f"Try again in {retry}s.", "requests", "rate_limit_exceeded", retry_after=retry)
 
 
-@dataclass
-class AuthAttempt:
-    """One request's slot in its address's brute-force budget, until its key is checked."""
-
-    gate: AuthFailureGate
-    address: str
-    id: str
-    settled: bool = False
-
-    def settle(self, refused: bool) -> None:
-        """Free the slot, or keep it as a failure if the key was refused (once; fails open)."""
-        if self.settled:
-            return
-        self.settled = True
-        try:
-            self.gate.settle(self, refused)
-        except redis.RedisError:
-            log.warning("auth failure gate unavailable; attempt not settled")
-
-
-def settle_auth_attempt(refused: bool) -> None:
-    """Settle the current request's brute-force slot, if it holds one (``g.auth_attempt``)."""
-    attempt: AuthAttempt | None = g.get("auth_attempt")
-    if attempt is not None:
-        attempt.settle(refused)
-
+def auth_gate(refused: bool) -> errors.ErrorResponse | None:
+    """The brute-force gate's verdict on the current request, once its key was checked:
+    the 429 if its address is blocked, else ``None`` (a refused key is counted then).
+    ``None`` too if the app has no gate or Redis is unreachable (fails open)."""
+    gate: AuthFailureGate | None = current_app.extensions.get(AUTH_GATE)
+    if gate is None:
+        return None
+    address = request.remote_addr or "unknown"
+    try:
+        return gate.refuse(address) if refused else gate.blocked(address)
+    except redis.RedisError:
+        log.warning("auth failure gate unavailable; request let through")
+        return None

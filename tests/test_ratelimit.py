@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from api import create_app
 from api.db import ApiKey, Database
+from api.ratelimit import AUTH_ATTEMPTS, AUTH_GATE, AuthFailureGate
 from config import Settings
 from tests.conftest import SCRIPTED_MODEL, TEST_KEY, add_key, start_api
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
-
-
 
 
 def a_client_address() -> dict[str, str]:
@@ -87,6 +91,38 @@ def test_failed_keys_share_one_budget_across_endpoints(app_config):
     assert client.get("/v1/models", headers=valid, environ_base=a_client_address()).status_code == 200
 
 
+def test_missing_keys_count_and_blocked_guesses_do_not(app_config, redis_client):
+    app = create_app({**app_config, "auth_failure_limit": "2/minute"})
+    client, env = app.test_client(), a_client_address()
+    assert client.get("/v1/models", environ_base=env).status_code == 401  # no key at all
+    assert client.get("/v1/usage", headers={"X-API-Key": "iq-guess"}, environ_base=env).status_code == 401
+    for headers in ({}, {"X-API-Key": "iq-guess"}, {"X-API-Key": app_config["api_keys"]}):
+        blocked = client.get("/v1/models", headers=headers, environ_base=env)
+        assert_openai_429(blocked)
+        assert 1 <= int(blocked.headers["Retry-After"]) <= 60
+    # Only the two refused keys are stored: answers given to a blocked address count nothing.
+    assert redis_client.zcard(AuthFailureGate.key(env["REMOTE_ADDR"])) == 2
+
+
+def test_auth_failure_gate_fails_open(app_config, monkeypatch, caplog):
+    app = create_app({**app_config, "auth_failure_limit": "1/minute"})
+    gate = app.extensions[AUTH_GATE]
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Redis is down")
+
+    monkeypatch.setattr(gate, "_check", down)
+    monkeypatch.setattr(gate, "_refuse", down)
+    client, env = app.test_client(), a_client_address()
+    with caplog.at_level(logging.WARNING, logger="api.ratelimit"):
+        codes = [client.get("/v1/models", headers={"X-API-Key": "iq-guess"}, environ_base=env).status_code
+                 for _ in range(3)]
+        valid = client.get("/v1/models", headers={"X-API-Key": app_config["api_keys"]}, environ_base=env)
+    assert codes == [401] * 3  # not 429: without Redis nothing is counted
+    assert valid.status_code == 200
+    assert "auth failure gate unavailable" in caplog.text
+
+
 def a_forwarded_address() -> dict[str, str]:
     """A fresh client address as the trusted proxy in front of ``guarded_apis`` reports it."""
     return {"X-Forwarded-For": a_client_address()["REMOTE_ADDR"]}
@@ -136,17 +172,56 @@ def test_parallel_guesses_get_exactly_the_budget(guarded_apis: list[str]):
     assert httpx.get(f"{guarded_apis[1]}/v1/models", headers={**other, **valid}).status_code == 200
 
 
-def test_parallel_valid_keys_are_not_held_back_by_the_budget(guarded_apis: list[str]):
+@contextlib.contextmanager
+def redis_commands(redis_url: str) -> Iterator[list[dict[str, Any]]]:
+    """Every command Redis runs while the block runs (MONITOR: the commands scripts run too,
+    with ``client_type`` ``lua``), in order."""
+    client = redis.Redis.from_url(redis_url)
+    seen: list[dict[str, Any]] = []
+    marker = f"end-of-monitoring-{secrets.token_hex(8)}"
+    with client.monitor() as monitor:  # monitoring once this returns
+
+        def listen() -> None:
+            for command in monitor.listen():
+                if marker in command["command"]:
+                    return
+                seen.append(command)
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        try:
+            yield seen
+        finally:
+            client.echo(marker)
+            listener.join(30)
+
+
+def test_parallel_valid_keys_are_not_held_back_by_the_budget(guarded_apis: list[str], redis_url: str):
     address = a_forwarded_address()
-    for i in range(4):  # one slot left: requests arriving together take turns at it
+    for i in range(4):  # one failure short of the limit
         assert httpx.get(f"{guarded_apis[i % 2]}/v1/models",
                          headers={**address, "X-API-Key": "iq-guess"}).status_code == 401
-    codes = send_together([
-        (guarded_apis[i % 2], f"GET /v1/models HTTP/1.1\r\nHost: api\r\nX-API-Key: {TEST_KEY}\r\n"
-         f"X-Forwarded-For: {address['X-Forwarded-For']}\r\nConnection: close\r\n\r\n")
-        for i in range(40)
-    ])
+    # A valid key from elsewhere first, so the gate's read-only script is in Redis's cache
+    # (a first call would add a NOSCRIPT round and a SCRIPT LOAD to the count below).
+    assert httpx.get(f"{guarded_apis[0]}/v1/models",
+                     headers={**a_forwarded_address(), "X-API-Key": TEST_KEY}).status_code == 200
+    with redis_commands(redis_url) as commands:
+        codes = send_together([
+            (guarded_apis[i % 2], f"GET /v1/models HTTP/1.1\r\nHost: api\r\nX-API-Key: {TEST_KEY}\r\n"
+             f"X-Forwarded-For: {address['X-Forwarded-For']}\r\nConnection: close\r\n\r\n")
+            for i in range(40)
+        ])
     assert codes == [200] * 40
+    # Nothing waits on anything: each valid request made exactly one call to the gate, a
+    # script that only read the address's failures (no pending slots, no polling).
+    ip = address["X-Forwarded-For"]
+    on_its_key = [c for c in commands if AuthFailureGate.key(ip) in c["command"]]
+    by_clients = [c["command"].split()[0].upper() for c in on_its_key if c["client_type"] != "lua"]
+    in_scripts = [c["command"].split()[0].upper() for c in on_its_key if c["client_type"] == "lua"]
+    assert by_clients == ["EVALSHA"] * 40
+    assert in_scripts == ["ZCOUNT"] * 40  # the address is not blocked; nothing is written
+    leftover = redis.Redis.from_url(redis_url).keys(f"{AUTH_ATTEMPTS}:{{{ip}}}*")
+    assert [k.decode() for k in leftover] == [AuthFailureGate.key(ip)]
 
 
 def test_probe_endpoints_are_limited_per_address(app_config):
