@@ -8,12 +8,24 @@ from typing import Any
 import pytest
 import redis
 
-from queueing import events, jobs, keys, metering, recovery
+from queueing import events, jobs, keys, liveness, metering, recovery
 from queueing.jobs import GenerationParams, JobRecord, JobStatus
 from workers.runner import JobRunner
 from workers.scripted_engine import ScriptedEngine
 
 TTL = 600
+FAKE_WORKERS = ("w-test", "w-slow", "w-dead")
+
+
+@pytest.fixture(autouse=True)
+def fake_workers_look_alive(redis_client: redis.Redis) -> Iterator[None]:
+    """The session's real workers reap RUNNING jobs whose worker has no heartbeat: these
+    tests' jobs run on workers that exist only here, so they get heartbeats while they run."""
+    for worker in FAKE_WORKERS:
+        liveness.beat(redis_client, "m", worker, TTL)
+    yield
+    for worker in FAKE_WORKERS:
+        liveness.retire(redis_client, "m", worker)
 
 
 class CancelBeforeRegistration(ScriptedEngine):

@@ -13,7 +13,7 @@ import pytest
 
 from api.db import Database
 from api.ledger import Ledger
-from queueing import jobs, keys, metering
+from queueing import jobs, keys, liveness, metering
 from queueing.jobs import GenerationParams, JobRecord, JobStatus
 from tests.conftest import SCRIPTED_MODEL, add_key
 from tests.test_metering import chat
@@ -27,9 +27,13 @@ def _settled_job(client: Any, key_id: str, prompt: int, completion: int) -> str:
     params = GenerationParams(kind="completion", model="m-ledger", prompt="x")
     record = JobRecord(id=job_id, params=params, key_id=key_id, quota_day=metering.quota_day())
     jobs.create(client, record, TTL)
-    jobs.transition(client, job_id, JobStatus.RUNNING, TTL, model="m-ledger", worker="w")
-    jobs.transition(client, job_id, JobStatus.SUCCEEDED, TTL, prompt_tokens=prompt,
-                    completion_tokens=completion)
+    liveness.beat(client, "m-ledger", "w", 60)  # else the session's workers would reap it as orphaned
+    try:
+        jobs.transition(client, job_id, JobStatus.RUNNING, TTL, model="m-ledger", worker="w")
+        jobs.transition(client, job_id, JobStatus.SUCCEEDED, TTL, prompt_tokens=prompt,
+                        completion_tokens=completion)
+    finally:
+        liveness.retire(client, "m-ledger", "w")
     return job_id
 
 
