@@ -18,6 +18,14 @@ PARAMS = GenerationParams(kind="chat", model="m", messages=[{"role": "user", "co
                           max_tokens=8, temperature=0.2, stop=["\n"], seed=3)
 
 
+@pytest.fixture(autouse=True)
+def test_worker_looks_alive(redis_client: redis.Redis) -> Iterator[None]:
+    """Jobs these tests move to RUNNING on "w1" must not be reaped by the session's real workers."""
+    liveness.beat(redis_client, "m", "w1", 600)
+    yield
+    liveness.retire(redis_client, "m", "w1")
+
+
 def make_job(client: redis.Redis, status: JobStatus = JobStatus.QUEUED) -> str:
     job_id = jobs.new_job_id()
     jobs.create(client, JobRecord(id=job_id, params=PARAMS, status=status), TTL)
