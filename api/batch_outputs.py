@@ -12,6 +12,11 @@ end of the file. Sealing holds the lock exclusively: it counts the file's lines
 against SQL, rebuilds the file from SQL (streamed) when they disagree, and renames
 it into place as a stored file. An append that was waiting for the lock then finds
 its file gone and drops its line: SQL holds it, and the seal counted it.
+
+The lock is asked for without blocking, again every few milliseconds: under gevent a
+blocking ``flock`` would stop the whole worker, and a seal holding the lock yields to
+other greenlets (at each SQL query), so a greenlet of the same process waiting on
+that lock in ``flock`` would never let it go on.
 """
 
 from __future__ import annotations
@@ -19,17 +24,23 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
 from api.batch_store import BatchStore, LineResult
 from api.db import Batch, StoredFile
-from api.files import OUTPUT_PURPOSE, FileStore
+from api.files import FileStore
 
 log = logging.getLogger(__name__)
 
 READ_BYTES = 1024 * 1024
+LOCK_TIMEOUT = 300.0  # seconds to wait for a file's lock (a seal may rebuild a large file from SQL)
+LOCK_POLL = 0.01  # seconds between two tries (time.sleep: under gevent, other greenlets run)
+
+
+class LockTimeout(TimeoutError):
+    """A batch file stayed locked longer than ``LOCK_TIMEOUT``."""
 
 
 def stored_file_id(batch_id: str, ok: bool) -> str:
@@ -79,7 +90,7 @@ class BatchOutputs:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            _lock(fd, fcntl.LOCK_SH, path)
             if not _still_at(fd, path):
                 return False
             _write_all(fd, "".join(line + "\n" for line in lines).encode())
@@ -101,46 +112,39 @@ class BatchOutputs:
         self.files.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd, fcntl.LOCK_EX, path)
             expected = self.store.count_lines(batch.id, ok)
             if expected == 0:
                 path.unlink(missing_ok=True)
                 return None
             size, count = _measure(fd)
-            if count != expected:
-                log.warning("batch %s: its %s file holds %d lines, SQL %d; rebuilding it from SQL",
-                            batch.id, _kind(ok), count, expected)
-                return self._register(batch, ok, *self._rebuild(batch.id, ok), old=path)
-            os.fsync(fd)
-            return self._register(batch, ok, path, size, count)
+            name = f"{batch.id}_{_kind(ok)}.jsonl"
+            if count == expected:
+                os.fsync(fd)
+                self.files.keep_output(path, batch.key_id, name, size, count, file_id)
+                return file_id
+            log.warning("batch %s: its %s file holds %d lines, SQL %d; rebuilding it from SQL",
+                        batch.id, _kind(ok), count, expected)
+            self.files.create_output(batch.key_id, name, self.store.stream_lines(batch.id, ok), file_id)
+            path.unlink(missing_ok=True)  # appenders waiting for the lock find it gone
+            return file_id
         finally:
             os.close(fd)
 
-    def _rebuild(self, batch_id: str, ok: bool) -> tuple[Path, int, int]:
-        """Write the batch's lines from SQL to a new file in ``FILES_DIR``; its path, size and lines."""
-        handle, name = tempfile.mkstemp(dir=self.files.root, prefix=".part-", suffix=".jsonl")
-        size = count = 0
-        with os.fdopen(handle, "wb") as out:
-            for line in self.store.stream_lines(batch_id, ok):
-                data = line.encode() + b"\n"
-                out.write(data)
-                size, count = size + len(data), count + 1
-            out.flush()
-            os.fsync(out.fileno())
-        return Path(name), size, count
 
-    def _register(self, batch: Batch, ok: bool, source: Path, size: int, count: int,
-                  old: Path | None = None) -> str:
-        """Rename ``source`` into place as the batch's stored file and insert its row."""
-        file_id = stored_file_id(batch.id, ok)
-        final = self.files.root / f"{file_id}.jsonl"
-        os.replace(source, final)
-        if old is not None:
-            old.unlink(missing_ok=True)
-        with self.store.db.sessions.begin() as session:
-            session.add(StoredFile(id=file_id, key_id=batch.key_id, filename=f"{batch.id}_{_kind(ok)}.jsonl",
-                                   purpose=OUTPUT_PURPOSE, bytes=size, line_count=count, path=final.name))
-        return file_id
+def _lock(fd: int, operation: int, path: Path) -> None:
+    """``flock`` the file (``LOCK_SH`` or ``LOCK_EX``) without blocking the process: retry
+    every ``LOCK_POLL`` seconds; :class:`LockTimeout` after ``LOCK_TIMEOUT``."""
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"{path.name} stayed locked for over {LOCK_TIMEOUT:.0f} s "
+                                  "(a seal of its batch is stuck?)") from None
+            time.sleep(LOCK_POLL)
 
 
 def _still_at(fd: int, path: Path) -> bool:

@@ -164,8 +164,13 @@ class FileStore:
             log.exception("could not store an upload in %s", self.root)
             return errors.error(500, "The server could not store the file.", "server_error")
 
-    def create_output(self, key_id: str, filename: str, lines: Iterable[str]) -> StoredFileInfo:
-        """Store server-made JSONL (one line per item, empty items skipped) as ``batch_output``."""
+    def create_output(self, key_id: str, filename: str, lines: Iterable[str],
+                      file_id: str | None = None) -> StoredFileInfo:
+        """Store server-made JSONL (one line per item, empty items skipped) as ``batch_output``.
+
+        Written to a temporary file in ``FILES_DIR`` first, removed if ``lines`` or the write
+        fails. ``file_id``: see :meth:`keep_output`.
+        """
         temp = _temp_path(self.root)
         try:
             size = count = 0
@@ -176,9 +181,20 @@ class FileStore:
                         out.write(data)
                         size, count = size + len(data), count + 1
                 _sync(out)
-            return self._commit(temp, key_id, filename, OUTPUT_PURPOSE, size, count)
+            return self.keep_output(temp, key_id, filename, size, count, file_id)
         finally:
             temp.unlink(missing_ok=True)
+
+    def keep_output(self, source: Path, key_id: str, filename: str, size: int, count: int,
+                    file_id: str | None = None) -> StoredFileInfo:
+        """Rename ``source``, complete JSONL already on disk in ``FILES_DIR``, into place as a
+        ``batch_output`` file of ``size`` bytes and ``count`` lines, and insert its row.
+
+        A fixed ``file_id`` (a batch's output) names one file however often it is stored: its
+        content stays in place if the insert fails, as it may be another writer's (a repeat
+        stores the same content again).
+        """
+        return self._commit(source, key_id, filename, OUTPUT_PURPOSE, size, count, file_id)
 
     def get(self, key_id: str, file_id: str) -> StoredFileInfo | None:
         """The key's file ``file_id``; ``None`` when missing or another key's."""
@@ -253,9 +269,10 @@ class FileStore:
             temp.unlink(missing_ok=True)
 
     def _commit(self, temp: Path, key_id: str, filename: str, purpose: str, size: int,
-                count: int) -> StoredFileInfo:
-        """Rename ``temp`` into place and insert its row (the content goes again if the insert fails)."""
-        row = StoredFile(id=new_file_id(), key_id=key_id, filename=_clean_name(filename),
+                count: int, file_id: str | None = None) -> StoredFileInfo:
+        """Rename ``temp`` into place and insert its row (the content goes again if the insert
+        fails, unless its ``file_id`` was given: see :meth:`keep_output`)."""
+        row = StoredFile(id=file_id or new_file_id(), key_id=key_id, filename=_clean_name(filename),
                          purpose=purpose, bytes=size, line_count=count,
                          created_at=dt.datetime.now(dt.UTC))
         row.path = f"{row.id}.jsonl"
@@ -265,7 +282,8 @@ class FileStore:
             with self.db.sessions.begin() as session:
                 session.add(row)
         except BaseException:
-            final.unlink(missing_ok=True)
+            if file_id is None:
+                final.unlink(missing_ok=True)
             raise
         return StoredFileInfo.from_row(row)
 

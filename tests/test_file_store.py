@@ -54,6 +54,28 @@ def test_store_create_output(store):
     assert sorted(p.name for p in store.root.iterdir()) == [info.path]  # no temporary file left
 
 
+def test_store_output_under_a_fixed_id(store):
+    info = store.create_output("key_1", "b_output.jsonl", ['{"a":1}'], file_id="file-b-output")
+    assert (info.id, info.path, info.line_count) == ("file-b-output", "file-b-output.jsonl", 1)
+    source = store.root / ".batch-c-output.jsonl"  # a batch's output, written as its lines finished
+    source.write_bytes(b'{"c":1}\n{"c":2}\n')
+    kept = store.keep_output(source, "key_1", "c_output.jsonl", 16, 2, file_id="file-c-output")
+    assert (kept.id, kept.bytes, kept.line_count, kept.purpose) == ("file-c-output", 16, 2, "batch_output")
+    assert not source.exists() and [line for _, line in store.iter_lines(kept)] == [{"c": 1}, {"c": 2}]
+    assert store.get("key_1", "file-c-output") == kept
+    assert sorted(p.name for p in store.root.iterdir()) == ["file-b-output.jsonl", "file-c-output.jsonl"]
+
+
+def test_store_create_output_leaves_no_temporary_file_when_its_lines_fail(store):
+    def lines_then_failure():
+        yield '{"a":1}'
+        raise RuntimeError("the database went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        store.create_output("key_1", "o.jsonl", lines_then_failure(), file_id="file-o-output")
+    assert list(store.root.iterdir()) == [] and store.get("key_1", "file-o-output") is None
+
+
 def test_store_list_orders_ties_by_id_and_filters(store, database):
     infos = [store.create_output("key_1", f"{i}.jsonl", ['{"i":1}']) for i in range(5)]
     with database.sessions.begin() as session:  # one timestamp for all: the id breaks the tie
