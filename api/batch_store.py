@@ -9,6 +9,7 @@ against (and rebuilt from) when a batch ends.
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -90,13 +91,21 @@ class BatchStore:
             for result in results:
                 row = insert(BatchResult).values(batch_id=result.batch_id, custom_id=result.custom_id,
                                                  line_no=result.line_no, ok=result.ok, line=result.line)
-                if session.execute(row.on_conflict_do_nothing()).rowcount:  # type: ignore[attr-defined]
+                # preserve_rowcount: SQLAlchemy keeps the rowcount of UPDATE and DELETE only; an
+                # INSERT's reads -1 on psycopg, and every repeated line would count as new.
+                statement = row.on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+                if session.execute(statement).rowcount == 1:  # type: ignore[attr-defined]
                     stored.append(result)
+            added: dict[str, Counter[str]] = defaultdict(Counter)  # batch id -> what its lines add
             for result in stored:
-                counts = {"completed": Batch.completed + 1} if result.ok else {"failed": Batch.failed + 1}
-                session.execute(update(Batch).where(Batch.id == result.batch_id).values(
-                    prompt_tokens=Batch.prompt_tokens + result.prompt_tokens,
-                    completion_tokens=Batch.completion_tokens + result.completion_tokens, **counts))
+                added[result.batch_id].update({"completed" if result.ok else "failed": 1,
+                                               "prompt_tokens": result.prompt_tokens,
+                                               "completion_tokens": result.completion_tokens})
+            for batch_id, sums in added.items():  # one update per batch, not per line
+                session.execute(update(Batch).where(Batch.id == batch_id).values(
+                    completed=Batch.completed + sums["completed"], failed=Batch.failed + sums["failed"],
+                    prompt_tokens=Batch.prompt_tokens + sums["prompt_tokens"],
+                    completion_tokens=Batch.completion_tokens + sums["completion_tokens"]))
         return stored
 
     def recorded(self, batch_id: str) -> set[str]:
