@@ -65,7 +65,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     batches_runner.principal_for = app.extensions["inferq"].keys.principal_for
     if settings.ledger_drain:
         ledger.start_background()
-        batches_runner.start_resumer(app.extensions["inferq"].keys.principal_for)
+        batches_runner.start_resumer()  # after principal_for is set: a resumed dispatch needs it
     if settings.placeholder_keys:
         log.warning("API_KEYS holds %d placeholder or short key(s): replace them before exposing "
                     "this server", len(settings.placeholder_keys))

@@ -18,6 +18,8 @@ from queueing import keys
 
 LEASE_SECONDS = 30
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+              "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0")
 
 
 class BatchLease:
@@ -33,9 +35,10 @@ class BatchLease:
         got = self.redis.set(keys.batch_dispatcher(batch_id), token, nx=True, ex=LEASE_SECONDS)
         return token if got else None
 
-    def renew(self, batch_id: str, token: str) -> None:
-        """Hold the lease another ``LEASE_SECONDS``."""
-        self.redis.set(keys.batch_dispatcher(batch_id), token, ex=LEASE_SECONDS)
+    def renew(self, batch_id: str, token: str) -> bool:
+        """Hold the lease another ``LEASE_SECONDS``; ``False`` if it lapsed (someone else may hold it
+        now, and keeps it: a holder that gets ``False`` must stop changing the batch)."""
+        return bool(self.redis.eval(_RENEW_LUA, 1, keys.batch_dispatcher(batch_id), token, LEASE_SECONDS))
 
     def release(self, batch_id: str, token: str) -> None:
         """Let go of the lease, unless it lapsed and someone else holds it now."""

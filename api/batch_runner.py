@@ -48,14 +48,15 @@ from api.files import FileStore
 from api.gateway import Gateway, Payer
 from api.job_serving import REQUEST_MODELS
 from api.protocol import ErrorResponse
-from queueing import jobs
-from queueing.jobs import JobStatus
+from queueing import jobs, keys
+from queueing.jobs import JobRecord, JobStatus
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 50  # lines dispatched between two looks at the batch's status and window
 SAVE_EVERY = 100  # lines dispatched between two saves of the count (a resumer probes past it)
 RECORD_CHUNK = 500  # expired lines recorded per transaction
+REDIS_CHUNK = 500  # jobs whose records one pipeline reads
 RENEW_EVERY = 5.0
 RESUME_EVERY = 10.0
 OPEN = ("validating", "in_progress")  # statuses a batch may be dispatched, cancelled or expired in
@@ -87,8 +88,16 @@ class BatchRunner:
     # --- dispatch -----------------------------------------------------------
 
     def start(self, batch: Batch, payer: Payer, may_use: Any) -> None:
-        """Dispatch ``batch`` in the background (its lines log the creating request's id)."""
-        token = self.lease.take(batch.id)
+        """Dispatch ``batch`` in the background (its lines log the creating request's id).
+
+        Never raises for Redis: the batch is stored, so an error here would make a client
+        retry create it twice. Without the lease, a resumer dispatches it later.
+        """
+        try:
+            token = self.lease.take(batch.id)
+        except redis.RedisError:
+            log.exception("batch %s: Redis unavailable; a resumer will dispatch it", batch.id)
+            return
         if token is not None:  # else another process dispatches it
             self._spawn_dispatch(batch.id, token, payer, may_use)
 
@@ -111,7 +120,8 @@ class BatchRunner:
     def dispatch(self, batch_id: str, token: str, payer: Payer, may_use: Any) -> None:
         """Queue every line of the input file as a batch job, until the batch is cancelled or due.
 
-        The caller holds the batch's lease (``token``); this lets go of it.
+        The caller holds the batch's lease (``token``); this lets go of it, unless it lapsed
+        and someone else took it over: then this stops and leaves the batch to them.
         """
         batch = self.store.get(batch_id)
         info = self.files.get(batch.key_id, batch.input_file_id) if batch else None
@@ -127,7 +137,8 @@ class BatchRunner:
             if seq % CHECK_EVERY == 0 and not self._may_dispatch(batch_id):
                 break
             if time.monotonic() - renewed > RENEW_EVERY:
-                self.lease.renew(batch_id, token)
+                if not self._renew(batch_id, token):
+                    return
                 renewed = time.monotonic()
             seq += 1
             if str(line.get("custom_id")) in finished:
@@ -137,7 +148,16 @@ class BatchRunner:
                 self.outputs.settle([failure])
             if seq % SAVE_EVERY == 0:
                 self.store.update(batch_id, dispatched=seq)
-        self._end_dispatch(batch_id, token, seq)
+        if self._renew(batch_id, token):
+            self._end_dispatch(batch_id, token, seq)
+
+    def _renew(self, batch_id: str, token: str) -> bool:
+        """Renew the dispatcher's lease; ``False`` (logged) if it lapsed and must not be used again."""
+        if self.lease.renew(batch_id, token):
+            return True
+        log.warning("batch %s: this dispatcher's lease lapsed (another process may hold it); it stops",
+                    batch_id)
+        return False
 
     def _end_dispatch(self, batch_id: str, token: str, dispatched: int) -> None:
         """Expire the batch if it is due; else mark it dispatched and end it once its lines settle."""
@@ -201,7 +221,7 @@ class BatchRunner:
 
     # --- resumption ---------------------------------------------------------
 
-    def resume_orphaned(self, principal_for: Callable[[str], Principal | None]) -> int:
+    def resume_orphaned(self) -> int:
         """Take over the batches nobody holds; returns how many dispatches it resumed.
 
         A batch past its window expires; one whose dispatcher died is dispatched
@@ -218,7 +238,7 @@ class BatchRunner:
                 self.lease.release(listed.id, token)
                 continue
             if batch.status in OPEN and not batch.dispatch_done and not is_due(batch):
-                resumed += self._resume_dispatch(batch, token, principal_for)
+                resumed += self._resume_dispatch(batch, token)
                 continue
             try:
                 if is_due(batch):
@@ -233,9 +253,11 @@ class BatchRunner:
             self.maybe_finalize(batch.id)
         return resumed
 
-    def _resume_dispatch(self, batch: Batch, token: str,
-                         principal_for: Callable[[str], Principal | None]) -> bool:
-        payer = principal_for(batch.key_id)
+    def _resume_dispatch(self, batch: Batch, token: str) -> bool:
+        if self.principal_for is None:
+            self.lease.release(batch.id, token)
+            raise RuntimeError("BatchRunner.principal_for is not set: batches cannot be resumed")
+        payer = self.principal_for(batch.key_id)
         if payer is None:
             log.warning("batch %s: its key is gone; failing it", batch.id)
             self._fail(batch.id, "key_revoked",
@@ -253,22 +275,28 @@ class BatchRunner:
             return batch.dispatched
         finished, last = self.store.recorded(batch.id), batch.dispatched
         for seq, (_, line) in enumerate(self.files.iter_lines(info), start=1):
+            if seq <= batch.dispatched:
+                continue
             if seq > batch.dispatched + SAVE_EVERY:
                 break
-            walked = str(line.get("custom_id")) in finished or jobs.get(
-                self.gateway.redis, line_job_id(batch.id, seq)) is not None
-            if seq > batch.dispatched and walked:
+            if str(line.get("custom_id")) in finished or jobs.get(
+                    self.gateway.redis, line_job_id(batch.id, seq)) is not None:
                 last = seq
         return last
 
-    def start_resumer(self, principal_for: Callable[[str], Principal | None]) -> threading.Event:
-        """Check for orphaned batches every few seconds on a daemon thread; set the event to stop."""
+    def start_resumer(self) -> threading.Event:
+        """Check for orphaned batches every few seconds on a daemon thread; set the event to stop.
+
+        Set :attr:`principal_for` first: a resumed dispatch looks its key up with it.
+        """
+        if self.principal_for is None:
+            raise RuntimeError("set BatchRunner.principal_for before starting the resumer")
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.wait(RESUME_EVERY):
                 try:
-                    self.resume_orphaned(principal_for)
+                    self.resume_orphaned()
                 except Exception:  # noqa: BLE001 - keep checking after Redis/SQL hiccups
                     log.exception("resuming orphaned batches failed")
 
@@ -278,22 +306,56 @@ class BatchRunner:
     # --- cancel and expiry ------------------------------------------------------
 
     def cancel(self, batch: Batch) -> None:
-        """Stop dispatching; cancel queued lines and abort running ones; keep finished ones."""
+        """Stop dispatching; cancel queued lines and abort running ones; keep finished ones.
+
+        A batch of more than ``REDIS_CHUNK`` dispatched lines has them cancelled on a
+        background thread: one call per line still queued or running could hold up the
+        request for minutes.
+        """
         if not self.store.update(batch.id, only_if_status=OPEN, status="cancelling", cancelling_at=now()):
             return
         fresh = self.store.get(batch.id)
-        if fresh is not None and fresh.dispatch_done:  # else the dispatcher cancels when it stops
-            self.cancel_outstanding(batch.id)
-            self.maybe_finalize(batch.id)
+        if fresh is None or not fresh.dispatch_done:  # the dispatcher cancels when it stops
+            return
+        if fresh.dispatched <= REDIS_CHUNK:
+            self._wind_down(batch.id)
+            return
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._wind_down_safely, batch.id),
+                         name=f"cancel-{batch.id}", daemon=True).start()
+
+    def _wind_down(self, batch_id: str) -> None:
+        self.cancel_outstanding(batch_id)
+        self.maybe_finalize(batch_id)
+
+    def _wind_down_safely(self, batch_id: str) -> None:
+        try:
+            self._wind_down(batch_id)
+        except Exception:  # noqa: BLE001 - lines left uncancelled still run, settle and end the batch
+            log.exception("batch %s: cancelling its lines failed", batch_id)
 
     def cancel_outstanding(self, batch_id: str) -> None:
         """Cancel every dispatched line's job (finished ones stay as they are)."""
         batch = self.store.get(batch_id)
         if batch is None:
             return
-        ttl = self.gateway.settings.job_ttl
-        for seq in range(1, batch.dispatched + 1):
-            jobs.request_cancel(self.gateway.redis, line_job_id(batch_id, seq), ttl)
+        for first in range(1, batch.dispatched + 1, REDIS_CHUNK):
+            last = min(first + REDIS_CHUNK, batch.dispatched + 1)
+            self._cancel_jobs([line_job_id(batch_id, seq) for seq in range(first, last)])
+
+    def _cancel_jobs(self, job_ids: list[str]) -> None:
+        """Cancel those of the jobs still queued or running.
+
+        Their statuses are read in one round trip; each live one then takes its own
+        ``request_cancel`` (an atomic transition, or a message to the worker running it).
+        """
+        client, ttl = self.gateway.redis, self.gateway.settings.job_ttl
+        pipe = client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "status")
+        for job_id, status in zip(job_ids, pipe.execute(), strict=True):
+            if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+                jobs.request_cancel(client, job_id, ttl)
 
     def expire_if_due(self, batch: Batch) -> Batch:
         """End a batch that outlived its completion window as ``expired`` (unless its lease
@@ -319,7 +381,9 @@ class BatchRunner:
         lines = self.files.iter_lines(info) if info is not None else iter(())
         if dispatched is None:  # a dead dispatcher may have sent up to SAVE_EVERY lines past its count
             dispatched = batch.dispatched + (0 if batch.dispatch_done else SAVE_EVERY)
-        finished, ttl, pending = self.store.recorded(batch.id), self.gateway.settings.job_ttl, []
+        finished = self.store.recorded(batch.id)
+        pending: list[LineResult] = []
+        to_cancel: list[str] = []
         seq = 0
         for seq, (line_no, line) in enumerate(lines, start=1):
             custom_id = str(line.get("custom_id"))
@@ -327,11 +391,13 @@ class BatchRunner:
                 continue
             job_id = line_job_id(batch.id, seq)
             if seq <= dispatched:
-                jobs.request_cancel(self.gateway.redis, job_id, ttl)
+                to_cancel.append(job_id)
             pending.append(unrun_line(batch.id, custom_id, line_no, job_id, EXPIRED))
             if len(pending) >= RECORD_CHUNK:
+                self._cancel_jobs(to_cancel)
                 self.outputs.settle(pending)
-                pending = []
+                pending, to_cancel = [], []
+        self._cancel_jobs(to_cancel)
         self.outputs.settle(pending)
         files = self._seal(batch)
         # Expiry wins over a cancel that came in meanwhile (cancelling takes no lease).
@@ -350,20 +416,30 @@ class BatchRunner:
         results: list[LineResult] = []
         lost: dict[str, dict[int, dict[str, str]]] = defaultdict(dict)  # batch id -> seq -> entry
         stopped: dict[str, dict[str, str]] = {}  # batch id -> why its cancelled lines stopped
-        for _, fields in entries:
-            if fields.get("batch_id"):
-                record = jobs.get(self.gateway.redis, fields["job_id"])
-                if record is not None and record.batch_id and record.custom_id:
-                    if record.status is JobStatus.CANCELLED and record.batch_id not in stopped:
-                        stopped[record.batch_id] = self._stop_reason(record.batch_id)
-                    results.append(line_result(record, stopped.get(record.batch_id, CANCELLED)))
-                else:
-                    lost[fields["batch_id"]][line_seq(fields["job_id"])] = fields
+        lines = [fields for _, fields in entries if fields.get("batch_id")]
+        for fields, record in zip(lines, self._job_records([f["job_id"] for f in lines]), strict=True):
+            if record is not None and record.batch_id and record.custom_id:
+                if record.status is JobStatus.CANCELLED and record.batch_id not in stopped:
+                    stopped[record.batch_id] = self._stop_reason(record.batch_id)
+                results.append(line_result(record, stopped.get(record.batch_id, CANCELLED)))
+            else:
+                lost[fields["batch_id"]][line_seq(fields["job_id"])] = fields
         for batch_id, by_seq in lost.items():
             results += self._lost_results(batch_id, by_seq)
         self.outputs.settle(results)
         for batch_id in {result.batch_id for result in results}:
             self.maybe_finalize(batch_id)
+
+    def _job_records(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """The jobs' records (``None`` for an expired one), as :func:`jobs.get` reads them,
+        ``REDIS_CHUNK`` to a round trip."""
+        records: list[JobRecord | None] = []
+        for first in range(0, len(job_ids), REDIS_CHUNK):
+            pipe = self.gateway.redis.pipeline(transaction=False)
+            for job_id in job_ids[first:first + REDIS_CHUNK]:
+                pipe.hgetall(keys.job(job_id))
+            records += [JobRecord.from_hash(data) if data else None for data in pipe.execute()]
+        return records
 
     def _stop_reason(self, batch_id: str) -> dict[str, str]:
         """The error of a line its batch stopped: expired, or cancelled."""

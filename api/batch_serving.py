@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
+
+import redis
 
 from api import errors
 from api.auth import Principal
@@ -17,6 +20,8 @@ from api.protocol import (
     BatchUsage,
     ErrorResponse,
 )
+
+log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = {"24h": 24 * 3600}
 
@@ -53,7 +58,12 @@ def create_batch(runner: BatchRunner, principal: Principal, request: BatchCreate
 def get_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> BatchObject | ErrorResponse:
     """``GET /v1/batches/{id}``."""
     batch = runner.store.get(batch_id, principal.key_id)
-    return batch_object(runner.expire_if_due(batch)) if batch else _not_found(batch_id)
+    if batch is None:
+        return _not_found(batch_id)
+    try:
+        return batch_object(runner.expire_if_due(batch))
+    except redis.RedisError:
+        return _queue_unavailable(batch_id)
 
 
 def list_batches(runner: BatchRunner, principal: Principal, limit: int,
@@ -63,7 +73,10 @@ def list_batches(runner: BatchRunner, principal: Principal, limit: int,
     if page is None:
         return errors.invalid_request(f"No batch '{after}' to page after.", "after")
     rows, more = page
-    data = [batch_object(runner.expire_if_due(b)) for b in rows]
+    try:
+        data = [batch_object(runner.expire_if_due(b)) for b in rows]
+    except redis.RedisError:
+        return _queue_unavailable(None)
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                      has_more=more)
 
@@ -73,7 +86,10 @@ def cancel_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> Ba
     batch = runner.store.get(batch_id, principal.key_id)
     if batch is None:
         return _not_found(batch_id)
-    runner.cancel(runner.expire_if_due(batch))  # a batch past its window expired: no cancel
+    try:
+        runner.cancel(runner.expire_if_due(batch))  # a batch past its window expired: no cancel
+    except redis.RedisError:
+        return _queue_unavailable(batch_id)
     fresh = runner.store.get(batch_id)
     return batch_object(fresh or batch)
 
@@ -94,6 +110,12 @@ def batch_object(batch: Batch) -> BatchObject:
         metadata=json.loads(batch.metadata_json) if batch.metadata_json else None, model=batch.model,
         usage=usage,
     )
+
+
+def _queue_unavailable(batch_id: str | None) -> ErrorResponse:
+    """503 for a batch step Redis failed (expiring or cancelling): the client may simply retry."""
+    log.exception("batch %s: Redis unavailable", batch_id or "listing")
+    return errors.unavailable("The queue is unavailable; try again shortly.", code="queue_unavailable")
 
 
 def _not_found(batch_id: str) -> ErrorResponse:
