@@ -59,7 +59,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     gateway = Gateway(settings, client, make_celery(settings), used_on=ledger.used_on)
     files_store = FileStore(db, settings)
     batches_runner = BatchRunner(BatchStore(db), files_store, gateway)
-    ledger.hooks.append(batches_runner.on_settled)  # finished batch lines ride on the usage stream
+    ledger.hooks.append(batches_runner.collector.on_settled)  # finished batch lines ride on the usage stream
     app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway, ledger,
                                         KeyRateLimiter(settings.redis_url), files_store, batches_runner)
     batches_runner.principal_for = app.extensions["inferq"].keys.principal_for
