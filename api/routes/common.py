@@ -19,16 +19,12 @@ R = TypeVar("R", bound=BaseModel)
 
 
 def parse_body(model: type[R]) -> R | ErrorResponse:
-    """The JSON body validated as ``model``, or a 400 naming the problem (413 for a chunked body
-    cut at ``MAX_REQUEST_BYTES``)."""
+    """The JSON body validated as ``model``, or a 400 naming the problem (bodies over
+    ``MAX_REQUEST_BYTES``, chunked ones too, got their 413 before auth in ``create_app``)."""
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # nested deeper than the JSON decoder recurses
         body = None
-    limit = services().settings.max_request_bytes
-    if body is None and request.content_length is None and len(request.get_data()) >= limit:
-        return errors.error(413, f"Request body too large: the limit is {limit} bytes.",
-                            "invalid_request_error", "request_too_large")
     if not isinstance(body, dict):
         return errors.invalid_request(
             "We could not parse the JSON body of your request. The body must be a JSON object "
