@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from pydantic import ValidationError
 
 from api import errors
 from api.auth import Principal
@@ -39,7 +38,7 @@ from api.batch_outputs import BatchOutputs
 from api.batch_store import Batch, BatchStore, LineResult, now
 from api.files import FileStore
 from api.gateway import Gateway, Payer
-from api.job_serving import REQUEST_MODELS
+from api.job_request import parse_job_request
 from api.protocol import ErrorResponse
 from queueing import jobs, keys
 from queueing.jobs import JobStatus
@@ -166,15 +165,17 @@ class BatchRunner:
                 line: dict[str, Any]) -> LineResult | None:
         """Enqueue one line; a line that cannot run is returned as its failed result."""
         job_id, custom_id = line_job_id(batch.id, seq), str(line["custom_id"])
-        try:
-            params = REQUEST_MODELS[batch.endpoint].model_validate(line["body"]).to_params()
-        except ValidationError as exc:
-            return self._failed(batch.id, custom_id, line_no, job_id, errors.from_validation_error(exc))
-        if not may_use(params.model):
+        job = parse_job_request(batch.endpoint, line["body"])
+        if isinstance(job, ErrorResponse):
+            return self._failed(batch.id, custom_id, line_no, job_id, job)
+        if job.stream:
+            return self._failed(batch.id, custom_id, line_no, job_id, errors.invalid_request(
+                "Batch lines are not streamed: leave out 'stream'.", "stream"))
+        if not may_use(job.model):
             return self._failed(batch.id, custom_id, line_no, job_id, errors.error(
-                404, f"The model '{params.model}' does not exist or you do not have access to it.",
+                404, f"The model '{job.model}' does not exist or you do not have access to it.",
                 "invalid_request_error", "model_not_found", "model"))
-        record = self.gateway.new_record(params, payer, job_id=job_id)
+        record = self.gateway.new_record(job, payer, job_id=job_id)
         record.batch_id, record.custom_id, record.endpoint = batch.id, custom_id, batch.endpoint
         record.batch_line = line_no
         submitted = self.gateway.enqueue_batch(record)

@@ -14,7 +14,7 @@ from typing import Any
 from api import errors
 from api.protocol import ErrorResponse, lone_surrogate_at
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
+BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 QUOTED_MAX = 80  # characters of a client's value repeated in a message
 
 

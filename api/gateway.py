@@ -12,20 +12,20 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
 from api import errors, metrics
-from api.admission import length_error, worst_case_tokens
+from api.job_request import length_error, worst_case_tokens
 from api.protocol import ErrorResponse
 from config import Settings, logs
 from queueing import events, jobs, keys, liveness, metering, recovery
 from queueing.celery_app import enqueue_generation
 from queueing.channel import EventSubscription
-from queueing.jobs import GenerationParams, JobRecord
+from queueing.jobs import JobRecord, JobRequest
 
 log = logging.getLogger(__name__)
 
@@ -163,22 +163,27 @@ class Gateway:
         """Models with at least one live worker."""
         return sorted(liveness.live_models(self.redis))
 
-    def submit(self, params: GenerationParams, payer: Payer | None = None,
+    def model_cards(self, models: list[str]) -> list[dict[str, Any]]:
+        """The cards of ``models`` as their workers' vLLM lists them (``/v1/models``)."""
+        cards = liveness.model_cards(self.redis, models)
+        return [card for model in models for card in cards.get(model, [])]
+
+    def submit(self, request: JobRequest, payer: Payer | None = None,
                charge: Charge | None = None) -> JobStream | ErrorResponse:
         """Reserve the request's worst case against the payer's quota and enqueue it,
         or say why it cannot run now."""
-        record = self.new_record(params, payer)
+        record = self.new_record(request, payer)
         try:
-            live, waiting = self._admission_state(params.model)
+            live, waiting = self._admission_state(request.model)
             if not live:
-                return self._no_worker(params.model)
-            too_long = length_error(params, self.settings.max_model_len)
+                return self._no_worker(request.model)
+            too_long = length_error(request, self.settings.max_model_len)
             if too_long is not None:
                 return too_long
             if 0 < self.settings.max_queue_depth <= waiting:
                 metrics.REJECTIONS.labels("queue_full").inc()
                 return errors.unavailable(
-                    f"Too many requests are waiting for the model '{params.model}'; try again shortly.",
+                    f"Too many requests are waiting for the model '{request.model}'; try again shortly.",
                     retry_after=2, code="queue_full")
             subscription = EventSubscription(self.redis, record.id)
             try:
@@ -190,7 +195,7 @@ class Gateway:
                 subscription.close()
                 return quota_error
             try:
-                enqueue_generation(self.celery, record.id, params.to_dict(), params.model,
+                enqueue_generation(self.celery, record.id, request.to_dict(), request.model,
                                    request_id=logs.request_id.get())
             except BaseException:
                 subscription.close()
@@ -198,17 +203,17 @@ class Gateway:
                 raise
         except (redis.RedisError, OperationalError, OSError):
             return _queue_unavailable()
-        return JobStream(self, record.id, params.model, subscription)
+        return JobStream(self, record.id, request.model, subscription)
 
-    def submit_job(self, params: GenerationParams, payer: Payer, endpoint: str,
+    def submit_job(self, request: JobRequest, payer: Payer, endpoint: str,
                    metadata: str | None, charge: Charge | None = None) -> JobRecord | ErrorResponse:
         """Enqueue a job on the batch queue (no one listens to its events); it is
         listed among the payer's jobs."""
-        record = self.new_record(params, payer)
+        record = self.new_record(request, payer)
         record.endpoint, record.metadata = endpoint, metadata
         try:
-            if params.model not in liveness.live_models(self.redis):
-                return self._no_worker(params.model)
+            if request.model not in liveness.live_models(self.redis):
+                return self._no_worker(request.model)
         except redis.RedisError:
             return _queue_unavailable()
         return self.enqueue_batch(record, index=keys.jobs_of(payer.key_id), charge=charge)
@@ -221,8 +226,8 @@ class Gateway:
         dispatcher died) reserves nothing again; it is enqueued again only while still
         queued (its first message may never have been sent; a duplicate runs once).
         """
-        params = record.params
-        too_long = length_error(params, self.settings.max_model_len)
+        request = record.request
+        too_long = length_error(request, self.settings.max_model_len)
         if too_long is not None:
             return too_long
         try:
@@ -236,7 +241,7 @@ class Gateway:
             if quota_error is not None:
                 return quota_error
             try:
-                enqueue_generation(self.celery, record.id, params.to_dict(), params.model, batch=True,
+                enqueue_generation(self.celery, record.id, request.to_dict(), request.model, batch=True,
                                    request_id=logs.request_id.get())
             except BaseException:
                 self._abandon(record.id, charge)
@@ -245,10 +250,10 @@ class Gateway:
             return _queue_unavailable()
         return record
 
-    def new_record(self, params: GenerationParams, payer: Payer | None,
+    def new_record(self, request: JobRequest, payer: Payer | None,
                    job_id: str | None = None) -> JobRecord:
-        """A job record for ``params``, charged to ``payer`` (with its worst case to reserve)."""
-        record = JobRecord(id=job_id or jobs.new_job_id(), params=params)
+        """A job record for ``request``, charged to ``payer`` (with its worst case to reserve)."""
+        record = JobRecord(id=job_id or jobs.new_job_id(), request=request)
         if payer is not None:
             day = metering.quota_day()
             record.key_id = payer.key_id
@@ -256,7 +261,7 @@ class Gateway:
             if payer.daily_tokens is not None:
                 record.quota_key = keys.quota(payer.key_id, day)
                 record.quota_limit = payer.daily_tokens
-                record.reserved_tokens = worst_case_tokens(params, self.settings.max_model_len)
+                record.reserved_tokens = worst_case_tokens(request, self.settings.max_model_len)
         return record
 
     def _create(self, record: JobRecord, index: str | None = None,

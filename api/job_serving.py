@@ -11,53 +11,36 @@ import json
 import time
 
 import redis
-from pydantic import ValidationError
 
 from api import errors
 from api.auth import Principal
 from api.gateway import Charge, Gateway
-from api.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorInfo,
-    ErrorResponse,
-    JobCreateRequest,
-    JobList,
-    JobObject,
-)
-from api.serving import ChatFormat, CompletionFormat, model_not_found, usage_info
+from api.job_request import parse_job_request
+from api.protocol import ErrorInfo, ErrorResponse, JobCreateRequest, JobList, JobObject, UsageInfo
+from api.serving import model_not_found
 from queueing import events, jobs, keys
 from queueing.channel import EventSubscription
-from queueing.jobs import GenerationParams, JobRecord
+from queueing.jobs import JobRecord, JobRequest
 
 MAX_WAIT = 60.0
-REQUEST_MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-}
 
 
-def parse_job(request: JobCreateRequest) -> GenerationParams | ErrorResponse:
-    """The job's generation parameters, validated like a direct request."""
-    try:
-        parsed = REQUEST_MODELS[request.endpoint].model_validate(request.body)
-    except ValidationError as exc:
-        err = errors.from_validation_error(exc)
-        err.error.param = f"body.{err.error.param}" if err.error.param else "body"
-        return err
-    if parsed.stream:
+def parse_job(request: JobCreateRequest) -> JobRequest | ErrorResponse:
+    """The job's request, checked like a direct request; jobs are never streamed."""
+    job = parse_job_request(request.endpoint, request.body, param_prefix="body.")
+    if isinstance(job, JobRequest) and job.stream:
         return errors.invalid_request("Jobs are not streamed: leave out 'stream' (poll the job instead).",
                                       "body.stream")
-    return parsed.to_params()
+    return job
 
 
 def create_job(gateway: Gateway, principal: Principal, request: JobCreateRequest,
-               params: GenerationParams, charge: Charge | None = None) -> JobObject | ErrorResponse:
+               job: JobRequest, charge: Charge | None = None) -> JobObject | ErrorResponse:
     """``POST /v1/jobs``: queue the job at batch priority."""
-    if not principal.may_use(params.model):
-        return model_not_found(params.model)
+    if not principal.may_use(job.model):
+        return model_not_found(job.model)
     metadata = json.dumps(request.metadata) if request.metadata else None
-    submitted = gateway.submit_job(params, principal, request.endpoint, metadata, charge)
+    submitted = gateway.submit_job(job, principal, request.endpoint, metadata, charge)
     return submitted if isinstance(submitted, ErrorResponse) else job_object(submitted)
 
 
@@ -105,27 +88,24 @@ def cancel_job(gateway: Gateway, principal: Principal, job_id: str) -> JobObject
 
 
 def job_object(record: JobRecord) -> JobObject:
-    """The API's view of a job record."""
-    params = record.params
+    """The API's view of a job record (``response``: vLLM's response body)."""
     usage = None
     if record.prompt_tokens is not None:
         usage = events.Usage(record.prompt_tokens, record.completion_tokens or 0)
     response = None
-    if record.status is jobs.JobStatus.SUCCEEDED and usage is not None:
-        format_cls = ChatFormat if params.kind == "chat" else CompletionFormat
-        fmt = format_cls(record.id, params.model)
-        fmt.created = int(record.created_at)
-        response = fmt.response(record.result or "", record.finish_reason or "stop", usage).model_dump()
+    if record.status is jobs.JobStatus.SUCCEEDED and record.result:
+        response = json.loads(record.result)
     error = None
     if record.error and record.status is not jobs.JobStatus.SUCCEEDED:
         error = ErrorInfo(message=record.error, type=record.error_type or "server_error",
                           code=record.error_code)
     return JobObject(
-        id=record.id, endpoint=record.endpoint or "", model=params.model, status=record.status.value,
+        id=record.id, endpoint=record.endpoint or "", model=record.request.model, status=record.status.value,
         created_at=int(record.created_at), started_at=_int(record.started_at),
         completed_at=_int(record.finished_at), response=response, error=error,
         metadata=json.loads(record.metadata) if record.metadata else None,
-        usage=usage_info(usage) if usage else None,
+        usage=UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                        total_tokens=usage.total_tokens) if usage else None,
     )
 
 

@@ -81,19 +81,21 @@ class ReadyStatus(BaseModel):
 
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
-    protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.JobCreateRequest,
+    protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.ResponsesRequest,
+    protocol.TokenizeRequest, protocol.DetokenizeRequest, protocol.JobCreateRequest,
     protocol.BatchCreateRequest, FileUpload,
 )
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     protocol.ChatCompletionResponse, protocol.ChatCompletionChunk, protocol.CompletionResponse,
+    protocol.ResponseObject, protocol.TokenizeResponse, protocol.DetokenizeResponse,
     protocol.ModelList, protocol.JobObject, protocol.JobList, protocol.BatchObject, protocol.BatchList,
     protocol.FileObject, protocol.FileList, protocol.FileDeleted, protocol.ErrorResponse, UsageReport,
     HealthStatus, ReadyStatus,
 )
 
 ERRORS = {
-    400: "Invalid request: a malformed body, a field out of range, an unsupported feature, or a prompt "
-         "longer than the model's context (`context_length_exceeded`).",
+    400: "Invalid request: a malformed body, or a request vLLM's serving layer refuses (a field out of "
+         "range, a prompt longer than the model's context ...), with vLLM's own message.",
     401: "Missing or invalid API key.",
     404: "Unknown model (or one the key may not use), or no such object for this key.",
     413: "Request body larger than the server accepts.",
@@ -121,8 +123,8 @@ def _document(model: str, max_request_bytes: int, max_file_bytes: int) -> Json:
             "description": "Queue-based, OpenAI-compatible LLM inference. Every error has OpenAI's shape "
                            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
         },
-        "tags": [{"name": name} for name in ("models", "chat", "completions", "jobs", "files", "batches",
-                                             "usage", "probes")],
+        "tags": [{"name": name} for name in ("models", "chat", "completions", "responses", "tokenize", "jobs",
+                                             "files", "batches", "usage", "probes")],
         "paths": _paths(model, max_request_bytes, max_file_bytes),
         "components": {
             "schemas": _schemas(),
@@ -152,7 +154,7 @@ def _schemas() -> Json:
     schemas: Json = top["$defs"]
     # A job's ``body`` is validated as the request model of its ``endpoint`` (api.job_serving).
     schemas["JobCreateRequest"]["properties"]["body"] = {
-        "anyOf": [_ref("ChatCompletionRequest"), _ref("CompletionRequest")],
+        "anyOf": [_ref("ChatCompletionRequest"), _ref("CompletionRequest"), _ref("ResponsesRequest")],
         "description": "The request for `endpoint`, as it would be sent there (without `stream`).",
     }
     return schemas
@@ -245,8 +247,25 @@ def _paths(model: str, max_request_bytes: int, max_file_bytes: int) -> Json:
             {"200": _generation_ok("CompletionResponse", "CompletionResponse")}, body_errors,
             requestBody=_json_body("CompletionRequest", completion_example),
             description=f"Bodies over {max_request_bytes} bytes get a 413.")},
+        "/v1/responses": {"post": _op(
+            "createResponse", "responses", "OpenAI's Responses API, buffered or streamed (vLLM's serving).",
+            {"200": _generation_ok("ResponseObject", "response event")}, body_errors,
+            requestBody=_json_body("ResponsesRequest", {"model": model, "input": "Hello!",
+                                                        "max_output_tokens": 16}),
+            description="Streamed as `event: <type>` + `data: <event JSON>` frames. Responses are not "
+                        "stored (no `previous_response_id`). "
+                        f"Bodies over {max_request_bytes} bytes get a 413.")},
+        "/tokenize": {"post": _op(
+            "tokenize", "tokenize", "Token ids of a prompt or of chat messages (vLLM's `/tokenize`).",
+            {"200": _ok("TokenizeResponse")}, body_errors,
+            requestBody=_json_body("TokenizeRequest", {"model": model, "prompt": "Hello world"}))},
+        "/detokenize": {"post": _op(
+            "detokenize", "tokenize", "The text of token ids (vLLM's `/detokenize`).",
+            {"200": _ok("DetokenizeResponse")}, body_errors,
+            requestBody=_json_body("DetokenizeRequest", {"model": model, "tokens": [19556, 905]}))},
         "/v1/jobs": {
-            "post": _op("createJob", "jobs", "Run one chat or completions request as a job (batch priority).",
+            "post": _op("createJob", "jobs",
+                        "Run one chat, completions or responses request as a job (batch priority).",
                         {"202": _ok("JobObject", "The queued job.")}, (400, 401, 404, 413, 429, 503),
                         requestBody=_json_body("JobCreateRequest", {
                             "endpoint": "/v1/chat/completions", "body": chat_example})),

@@ -1,19 +1,17 @@
 """OpenAI wire format: pydantic request and response models, nothing else.
 
-Fields follow OpenAI's order. Conversion to the engine-neutral job parameters
-is a method on each request model (``to_params``).
+Requests are read only as far as admission needs (model, stream, token bounds):
+the job carries the client's body to the worker, where vLLM's own request models
+parse it. Responses of the job, file and batch endpoints are the API's own.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
-from queueing.jobs import GenerationParams
-
-MAX_STOP_SEQUENCES = 4
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def lone_surrogate_at(data: Any) -> str | None:
@@ -74,141 +72,98 @@ class ErrorResponse(BaseModel):
 # --- requests -------------------------------------------------------------
 
 
-class TextContentPart(OpenAIModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+#: Most choices (``n``) a request may ask for, as in OpenAI's API: a queue must not let one
+#: request put millions of sequences on a worker.
+MAX_CHOICES = 128
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
-class SamplingFields(OpenAIModel):
-    """Fields shared by chat and legacy completions."""
+class GenerationRequest(OpenAIModel):
+    """What the API reads of a request to admit and meter it; the worker parses the whole body
+    with vLLM's own request models, so every field vLLM's server accepts works (send vLLM's
+    extensions with the SDK's ``extra_body``)."""
 
     model: str = Field(min_length=1)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logprobs: Any = None
-    n: int = Field(1, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
-    # vLLM's extensions (send them with the SDK's ``extra_body``)
-    top_k: int | None = Field(None, ge=-1)
-    min_tokens: int = Field(0, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        return stops
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("n > 1 is not supported by this server; send n separate requests instead")
-        return value
-
-    @field_validator("stream_options")
-    @classmethod
-    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
-        return None
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-    def _sampling(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop or []),
-            "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "top_k": self.top_k,
-            "min_tokens": self.min_tokens,
-            "repetition_penalty": self.repetition_penalty,
-            "ignore_eos": self.ignore_eos,
-        }
 
 
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
+class ChatCompletionRequest(GenerationRequest):
+    """``POST /v1/chat/completions``: OpenAI's and vLLM's fields (tools, response_format,
+    logprobs, n, ...) all pass through to vLLM."""
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> None:
-        if value:
-            raise ValueError("tool calling is not supported by this server")
-        return None
-
-    def to_params(self) -> GenerationParams:
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in self.messages]
-        return GenerationParams(
-            kind="chat", messages=messages,
-            max_tokens=self.max_completion_tokens or self.max_tokens, **self._sampling(),
-        )
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+    n: int | None = Field(1, le=MAX_CHOICES)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    temperature: float | None = None
 
 
-class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
-    echo: bool = False
-    max_tokens: int = Field(16, ge=1)
-    suffix: str | None = None
+class CompletionRequest(GenerationRequest):
+    """``POST /v1/completions``: legacy completions (``echo``, ``logprobs``, several prompts)."""
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return value
+    prompt: str | list[Any] | None = None
+    max_tokens: int | None = 16
+    n: int | None = Field(1, le=MAX_CHOICES)
+    echo: bool | None = False
+    logprobs: int | None = None
+    temperature: float | None = None
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        if self.echo or self.suffix:
-            raise ValueError("echo and suffix are not supported by this server")
-        return self
 
-    def to_params(self) -> GenerationParams:
-        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-        return GenerationParams(kind="completion", prompt=prompt, max_tokens=self.max_tokens,
-                                **self._sampling())
+class ResponsesRequest(GenerationRequest):
+    """``POST /v1/responses``: OpenAI's Responses API as vLLM serves it (no stored responses)."""
+
+    input: str | list[Any]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    temperature: float | None = None
+
+
+class TokenizeRequest(OpenAIModel):
+    """``POST /tokenize``: a ``prompt`` or chat ``messages``, tokenized by the served model."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
+AnyJobBody = (ChatCompletionRequest | CompletionRequest | ResponsesRequest | TokenizeRequest
+              | DetokenizeRequest)
+
+#: The request model of each endpoint a job may run.
+REQUEST_MODELS: dict[str, type[AnyJobBody]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
+
+
+@dataclass(frozen=True)
+class JSONText:
+    """A JSON response body that is ready to send (vLLM's answer, relayed as it is)."""
+
+    text: str
+    status_code: int = 200
 
 
 # --- responses ------------------------------------------------------------
@@ -282,10 +237,41 @@ class CompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A model as vLLM's server lists it (its worker publishes the card)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = "inferq"
+    owned_by: str = "vllm"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ResponseObject(BaseModel):
+    """A Responses API ``response`` object, as vLLM's server returns it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    model: str
+    status: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):
@@ -295,7 +281,7 @@ class ModelList(BaseModel):
 
 # --- jobs -------------------------------------------------------------------
 
-JobEndpoint = Literal["/v1/chat/completions", "/v1/completions"]
+JobEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
 
 
 class JobCreateRequest(OpenAIModel):

@@ -1,8 +1,9 @@
-"""Serving logic for chat and legacy completions.
+"""Serving logic for the endpoints a worker answers (chat, completions, responses, tokenize).
 
-``serve`` returns a response model, an :class:`ErrorResponse`, or an iterator
-of SSE frames; the router only maps those three to HTTP. The two endpoints
-differ only in their wire format, which a small format class owns.
+The worker answers through vLLM's own OpenAI serving layer, so the API does not
+format completions: ``serve`` returns vLLM's response body (:class:`JSONText`),
+an :class:`ErrorResponse`, or an iterator of vLLM's SSE frames; the router only
+maps those to HTTP.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import select
 import socket
 import time
 from collections.abc import Iterator
-from typing import Protocol
 
 from flask import has_request_context
 from flask import request as http_request
@@ -20,109 +20,19 @@ from pydantic import BaseModel
 from api import errors, metrics, sse
 from api.auth import Principal
 from api.gateway import Charge, Gateway, JobStream
-from api.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
-    ErrorResponse,
-    UsageInfo,
-)
+from api.protocol import ErrorResponse, JSONText
 from config import tracing
 from queueing import events
-from queueing.jobs import GenerationParams
+from queueing.jobs import JobRequest
 
 CANCELLED = errors.error(503, "The request was cancelled before it finished.",
                          "service_unavailable", "cancelled")
 
+#: Metric label of each endpoint.
+ENDPOINT_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                   "/v1/responses": "responses", "/tokenize": "tokenize", "/detokenize": "detokenize"}
 
-def usage_info(usage: events.Usage) -> UsageInfo:
-    return UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                     total_tokens=usage.total_tokens)
-
-
-class WireFormat(Protocol):
-    def opening(self) -> list[BaseModel]: ...
-    def delta(self, text: str) -> BaseModel: ...
-    def finish(self, reason: str) -> BaseModel: ...
-    def usage(self, usage: events.Usage) -> BaseModel: ...
-    def response(self, text: str, reason: str, usage: events.Usage) -> BaseModel: ...
-
-
-class ChatFormat:
-    """``chat.completion`` and ``chat.completion.chunk`` objects."""
-
-    def __init__(self, job_id: str, model: str):
-        self.id, self.model, self.created = f"chatcmpl-{job_id}", model, int(time.time())
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=choices, usage=usage)
-
-    def opening(self) -> list[BaseModel]:
-        return [self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
-
-    def delta(self, text: str) -> BaseModel:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=text))])
-
-    def finish(self, reason: str) -> BaseModel:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
-
-    def usage(self, usage: events.Usage) -> BaseModel:
-        return self._chunk([], usage_info(usage))
-
-    def response(self, text: str, reason: str, usage: events.Usage) -> BaseModel:
-        return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model, usage=usage_info(usage),
-            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)],
-        )
-
-
-class CompletionFormat:
-    """``text_completion`` objects, buffered and streamed."""
-
-    def __init__(self, job_id: str, model: str):
-        self.id, self.model, self.created = f"cmpl-{job_id}", model, int(time.time())
-
-    def _object(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
-        return CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                  choices=choices, usage=usage)
-
-    def opening(self) -> list[BaseModel]:
-        return []
-
-    def delta(self, text: str) -> BaseModel:
-        return self._object([CompletionChoice(text=text)])
-
-    def finish(self, reason: str) -> BaseModel:
-        return self._object([CompletionChoice(text="", finish_reason=reason)])
-
-    def usage(self, usage: events.Usage) -> BaseModel:
-        return self._object([], usage_info(usage))
-
-    def response(self, text: str, reason: str, usage: events.Usage) -> BaseModel:
-        return self._object([CompletionChoice(text=text, finish_reason=reason)], usage_info(usage))
-
-
-Served = BaseModel | ErrorResponse | Iterator[str]
-
-
-def serve_chat(gateway: Gateway, request: ChatCompletionRequest, params: GenerationParams,
-               principal: Principal, charge: Charge | None = None) -> Served:
-    """``POST /v1/chat/completions`` (``params`` is ``request.to_params()``)."""
-    return _serve(gateway, request, params, principal, ChatFormat, charge)
-
-
-def serve_completion(gateway: Gateway, request: CompletionRequest, params: GenerationParams,
-                     principal: Principal, charge: Charge | None = None) -> Served:
-    """``POST /v1/completions`` (``params`` is ``request.to_params()``)."""
-    return _serve(gateway, request, params, principal, CompletionFormat, charge)
+Served = BaseModel | ErrorResponse | JSONText | Iterator[str]
 
 
 def model_not_found(model: str) -> ErrorResponse:
@@ -131,22 +41,22 @@ def model_not_found(model: str) -> ErrorResponse:
                         "invalid_request_error", "model_not_found", "model")
 
 
-def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest, params: GenerationParams,
-           principal: Principal, format_cls: type[ChatFormat] | type[CompletionFormat],
-           charge: Charge | None) -> Served:
+def serve(gateway: Gateway, request: JobRequest, principal: Principal,
+          charge: Charge | None = None) -> Served:
+    """Run ``request`` on a worker, which answers through vLLM's own serving layer: its
+    response body, its SSE frames relayed as they come, or its error."""
     if not principal.may_use(request.model):
         return model_not_found(request.model)
-    timer = _Timer("chat" if format_cls is ChatFormat else "completions", request.stream, request.model)
+    timer = _Timer(ENDPOINT_LABELS[request.endpoint], request.stream, request.model)
     with timer.span.activated():  # the job's task carries this span's trace context
-        submitted = gateway.submit(params, principal, charge)
+        submitted = gateway.submit(request, principal, charge)
     if isinstance(submitted, ErrorResponse):
         timer.span.end(submitted.error.code)
         return submitted
-    fmt = format_cls(submitted.job_id, request.model)
     submitted.client_gone = client_hung_up
     stream = iter(submitted)
-    # Wait for the first event before answering, so a request the engine
-    # rejects (or a queue deadline) gets its proper HTTP status.
+    # Wait for the first event before answering, so a request vLLM refuses (or a
+    # queue deadline) gets its proper HTTP status.
     first = next(stream)
     if isinstance(first, (events.Error, events.Cancelled)):
         submitted.close()
@@ -154,8 +64,8 @@ def _serve(gateway: Gateway, request: ChatCompletionRequest | CompletionRequest,
         return errors.from_event(first) if isinstance(first, events.Error) else CANCELLED
     timer.first_token()
     if request.stream:
-        return _sse(fmt, first, stream, submitted, request.include_usage, timer, errors.current_request_id())
-    return _buffered(fmt, first, stream, timer)
+        return _sse(first, stream, submitted, timer, errors.current_request_id())
+    return _buffered(first, stream, timer)
 
 
 def client_hung_up() -> bool:
@@ -196,38 +106,28 @@ class _Timer:
         self.span.end()
 
 
-def _buffered(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent],
-              timer: _Timer) -> Served:
-    parts: list[str] = []
+def _buffered(first: events.TokenEvent, stream: Iterator[events.TokenEvent], timer: _Timer) -> Served:
     for event in _chain(first, stream):
-        if isinstance(event, events.Delta):
-            parts.append(event.text)
-        elif isinstance(event, events.Done):
+        if isinstance(event, events.Done):
             timer.done()
-            return fmt.response("".join(parts), event.finish_reason, event.usage)
-        elif isinstance(event, events.Error):
+            return JSONText(event.body or "{}")
+        if isinstance(event, events.Error):
             timer.span.end(event.code)
             return errors.from_event(event)
-        else:
+        if isinstance(event, events.Cancelled):
             timer.span.end("cancelled")
             return CANCELLED
     return errors.internal_error()
 
 
-def _sse(fmt: WireFormat, first: events.TokenEvent, stream: Iterator[events.TokenEvent],
-         job: JobStream, include_usage: bool, timer: _Timer, request_id: str | None) -> Iterator[str]:
-    exclude = None if include_usage else {"usage"}
+def _sse(first: events.TokenEvent, stream: Iterator[events.TokenEvent], job: JobStream, timer: _Timer,
+         request_id: str | None) -> Iterator[str]:
+    """vLLM's frames as the worker relayed them; a failure ends the stream with an error object."""
     try:
-        for chunk in fmt.opening():
-            yield sse.data(chunk, exclude)
         for event in _chain(first, stream):
             if isinstance(event, events.Delta):
-                yield sse.data(fmt.delta(event.text), exclude)
+                yield event.text
             elif isinstance(event, events.Done):
-                yield sse.data(fmt.finish(event.finish_reason), exclude)
-                if include_usage:
-                    yield sse.data(fmt.usage(event.usage))
-                yield sse.DONE
                 timer.done()
             elif isinstance(event, events.Error):
                 yield sse.data(errors.naming_request(errors.from_event(event), request_id))

@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     enforce_eager: bool | None = None
     scripted_token_delay: float = Field(0.0, ge=0)
 
+    # vLLM's OpenAI serving layer on the worker: its server options, by their vLLM names
+    tool_call_parser: str = ""
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str = ""
+    chat_template: str = ""
+    chat_template_content_format: str = "auto"
+    response_role: str = "assistant"
+    generation_config: str = "auto"
+    max_logprobs: int = Field(20, ge=-1)
+    enable_prompt_tokens_details: bool = False
+    return_tokens_as_token_ids: bool = False
+    exclude_tools_when_tool_choice_none: bool = False
+    trust_request_chat_template: bool = False
+    # Any other `vllm serve` options, as on its command line (shell syntax).
+    vllm_extra_args: str = ""
+
     # Services
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "sqlite:///data/inferq.db"

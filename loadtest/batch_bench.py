@@ -81,6 +81,9 @@ def _offline(prompts: list[str], max_tokens: int) -> tuple[float, int]:
 
     s = get_settings()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.kv_cache_space_gib))  # as the worker does
+    if s.vllm_extra_args:
+        console.print(f"[yellow]VLLM_EXTRA_ARGS ({s.vllm_extra_args}) reach the worker's engine only, "
+                      "not this offline baseline[/]")
     llm = LLM(**engine_args(s, current_platform.is_cpu()))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0)
     start = time.perf_counter()

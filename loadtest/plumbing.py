@@ -42,13 +42,13 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.driver import DriverConfig, RequestResult, make_client, send_one
+from loadtest.driver import DriverConfig, RequestResult, make_client, request_body, send_one
 from loadtest.profiling import print_profile, profiled
 from loadtest.stack import BENCH_KEY, free_port, redis_server, running_stack
 from loadtest.stats import Aggregate, Summary, aggregate, summarize
 from loadtest.workload import Workload
 from queueing import events
-from queueing.jobs import GenerationParams
+from queueing.jobs import JobRequest
 
 console = Console(width=max(shutil.get_terminal_size().columns, 160))
 MODEL = "scripted-plumbing"
@@ -129,32 +129,51 @@ async def _warm_then_measure(config: DriverConfig, workload: Workload, warmup: i
         return results, elapsed
 
 
+def _config(base: str, mode: str, concurrency: int) -> DriverConfig:
+    return DriverConfig(base_url=f"{base}/v1", api_key=BENCH_KEY, model=MODEL, mode="chat",
+                        stream=mode == "stream", concurrency=concurrency, timeout=120)
+
+
+def _workload(concurrency: int, max_tokens: int) -> Workload:
+    return Workload(prompt_tokens=16, max_tokens=max_tokens, seed=concurrency)
+
+
 def drive_stack(base: str, mode: str, concurrency: int, n: int, warmup: int, max_tokens: int,
                 cpu: ProcessGroups | None = None, cpu_seconds: dict[str, float] | None = None) -> Aggregate:
     """A warm-up, then ``n`` chat requests at ``concurrency`` through the whole stack; with ``cpu``,
     each role's CPU seconds over the measured requests go into ``cpu_seconds``."""
-    config = DriverConfig(base_url=f"{base}/v1", api_key=BENCH_KEY, model=MODEL, mode="chat",
-                          stream=mode == "stream", concurrency=concurrency, timeout=120)
-    workload = Workload(prompt_tokens=16, max_tokens=max_tokens, seed=concurrency)
+    config = _config(base, mode, concurrency)
+    workload = _workload(concurrency, max_tokens)
     results, elapsed = asyncio.run(_warm_then_measure(config, workload, warmup, n, cpu,
                                                       {} if cpu_seconds is None else cpu_seconds))
     return aggregate(results, elapsed)
 
 
-def engine_alone(concurrency: int, n: int, warmup: int, max_tokens: int) -> EngineRun:
-    """The baseline: ``ScriptedEngine.stream`` called from ``concurrency`` threads, ``n`` times."""
+def engine_alone(mode: str, concurrency: int, n: int, warmup: int, max_tokens: int) -> EngineRun:
+    """The baseline: ``ScriptedEngine.stream`` called from ``concurrency`` threads, ``n`` times, with the
+    job requests the stack's worker gets for the same chat bodies (streamed or buffered, as ``mode``).
+
+    Its time to first token is when the first delta carrying tokens arrives (a buffered request has
+    none: then it is when the response body arrives, as for a client)."""
     from workers.scripted_engine import ScriptedEngine
 
-    engine = ScriptedEngine()
+    engine = ScriptedEngine(model=MODEL)
+    config, workload = _config("", mode, concurrency), _workload(concurrency, max_tokens)
+    jobs = []
+    for _ in range(warmup + n):
+        path, body = request_body(config, workload.next())
+        jobs.append(JobRequest(endpoint=config.base_url + path, model=MODEL, body=body))
 
     def one(i: int) -> tuple[float, float]:
-        params = GenerationParams(kind="chat", model=MODEL, max_tokens=max_tokens,
-                                  messages=[{"role": "user", "content": f"plumbing baseline {i}"}])
         start, ttft = time.perf_counter(), 0.0
-        for event in engine.stream(f"direct-{i}", params):
-            if not ttft and isinstance(event, events.Delta):
-                ttft = time.perf_counter() - start
-        return time.perf_counter() - start, ttft
+        for event in engine.stream(f"direct-{i}", jobs[i]):
+            if isinstance(event, events.Delta):
+                if not ttft and event.tokens > 0:
+                    ttft = time.perf_counter() - start
+            elif not isinstance(event, events.Done):
+                raise RuntimeError(f"the scripted engine did not answer: {event}")
+        latency = time.perf_counter() - start
+        return latency, ttft or latency
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(warmup)))
@@ -234,7 +253,7 @@ def run_levels(base: str, groups: ProcessGroups, api_workers: int, levels: dict[
     for mode in MODES:
         for concurrency in levels[mode]:
             warm = max(warmup, 2 * concurrency)
-            engine = engine_alone(concurrency, n, warm, max_tokens)
+            engine = engine_alone(mode, concurrency, n, warm, max_tokens)
             cpu: dict[str, float] = {}
             stack = drive_stack(base, mode, concurrency, n, warm, max_tokens, groups, cpu)
             lv = Level(api_workers, mode, concurrency, stack, engine, cpu, os.getloadavg()[0])

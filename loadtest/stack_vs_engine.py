@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import click
 import httpx
@@ -26,7 +27,9 @@ from rich.table import Table
 
 from config import get_settings
 from loadtest.stack import BENCH_KEY, running_stack
-from queueing.jobs import GenerationParams
+from queueing import events
+from queueing.jobs import COMPLETIONS, JobRequest
+from workers.engine import Engine
 
 console = Console()
 
@@ -50,19 +53,26 @@ def prompts(n: int) -> list[str]:
     return [f"Request {i}: write a short story about a lighthouse keeper named Ada." for i in range(n)]
 
 
-def run_direct(engine: object, texts: list[str], max_tokens: int, concurrency: int) -> RunResult:
-    """The baseline: the same engine class the worker hosts, driven from threads."""
-    from queueing import events
+def request_body(model: str, text: str, max_tokens: int, seed: int) -> dict[str, Any]:
+    """One streaming completions request, as the stack's client sends it and the direct run too."""
+    return {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def run_direct(engine: Engine, model: str, texts: list[str], max_tokens: int, concurrency: int) -> RunResult:
+    """The baseline: the same engine class the worker hosts, driven from threads with the job requests
+    the worker gets; tokens are counted from the deltas, TTFT is the first delta carrying tokens."""
 
     def one(i: int, text: str) -> tuple[int, float]:
-        params = GenerationParams(kind="completion", model="bench", prompt=text, max_tokens=max_tokens,
-                                  temperature=1.0, seed=i, ignore_eos=True)
+        request = JobRequest(endpoint=COMPLETIONS, model=model, body=request_body(model, text, max_tokens, i))
         start, ttft, tokens = time.perf_counter(), 0.0, 0
-        for ev in engine.stream(f"direct-{time.time_ns()}-{i}", params):  # type: ignore[attr-defined]
-            if isinstance(ev, events.Delta) and not ttft:
-                ttft = time.perf_counter() - start
-            elif isinstance(ev, events.Done):
-                tokens = ev.usage.completion_tokens
+        for ev in engine.stream(f"direct-{time.time_ns()}-{i}", request):
+            if isinstance(ev, events.Delta):
+                tokens += ev.tokens
+                if ev.tokens and not ttft:
+                    ttft = time.perf_counter() - start
+            elif not isinstance(ev, events.Done):
+                raise RuntimeError(f"direct request {i} did not finish: {ev}")
         return tokens, ttft
 
     return _timed(one, texts, concurrency)
@@ -75,8 +85,7 @@ def run_stack(base: str, model: str, texts: list[str], max_tokens: int, concurre
     client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=concurrency * 2))
 
     def one(i: int, text: str) -> tuple[int, float]:
-        body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = request_body(model, text, max_tokens, i)
         start, ttft, tokens = time.perf_counter(), 0.0, 0
         with client.stream("POST", f"{base}/v1/completions", json=body,
                            headers={"Authorization": f"Bearer {BENCH_KEY}"}) as resp:
@@ -112,7 +121,7 @@ def _timed(one: Callable[[int, str], tuple[int, float]], texts: list[str], concu
 @click.option("--port", default=8077, show_default=True, help="Port for the API under test.")
 def main(concurrency: int, n_requests: int, max_tokens: int, pairs: int, port: int) -> None:
     """Output tokens/s and TTFT: inferq (API + Celery + worker) vs the same vLLM engine in-process."""
-    from workers.engine import VllmEngine
+    from workers.vllm_engine import VllmEngine
 
     s = get_settings()
     console.print(f"[bold]starting the baseline engine in-process, then a worker + API ({s.model_name})[/]")
@@ -121,7 +130,7 @@ def main(concurrency: int, n_requests: int, max_tokens: int, pairs: int, port: i
         with running_stack(port) as base:
             texts = prompts(n_requests)
             console.print("warm-up")
-            run_direct(engine, texts[:concurrency], 8, concurrency)
+            run_direct(engine, s.served_model_name, texts[:concurrency], 8, concurrency)
             run_stack(base, s.served_model_name, texts[:concurrency], 8, concurrency)
             table = Table(title=f"{n_requests} requests x {max_tokens} tokens, concurrency {concurrency}")
             for col in ("pair", "direct tok/s", "stack tok/s", "ratio", "direct TTFT p50", "stack TTFT p50",
@@ -129,7 +138,7 @@ def main(concurrency: int, n_requests: int, max_tokens: int, pairs: int, port: i
                 table.add_column(col, justify="right")
             ratios, added = [], []
             for pair in range(1, pairs + 1):
-                d = run_direct(engine, texts, max_tokens, concurrency)
+                d = run_direct(engine, s.served_model_name, texts, max_tokens, concurrency)
                 st = run_stack(base, s.served_model_name, texts, max_tokens, concurrency)
                 ratios.append(st.tokens_per_s / d.tokens_per_s)
                 added.append(st.ttft_p50 - d.ttft_p50)

@@ -4,9 +4,10 @@
     python -m loadtest.vs_vllm --levels 1,4 --requests 8 --warmup 2   # a quick smoke run
 
 In one run on this machine it starts vLLM's OpenAI server
-(``python -m vllm.entrypoints.openai.api_server``) with the engine settings an
-inferq worker uses (model, dtype, max_model_len, max_num_seqs, enforce_eager,
-priority scheduling, ``VLLM_CPU_KVCACHE_SPACE``, all from ``config.get_settings()``),
+(``python -m vllm.entrypoints.openai.api_server``) with exactly the arguments an
+inferq worker gives vLLM (:func:`workers.engine.server_argv`: engine and serving
+options from ``config.get_settings()``, ``VLLM_EXTRA_ARGS`` included) and its
+``VLLM_CPU_KVCACHE_SPACE``,
 drives it with the ``inferq loadtest`` driver at each concurrency (closed loop,
 streaming, a warm-up first, fixed prompt length and ``max_tokens`` with ``ignore_eos``),
 stops it, then does the same against inferq with one worker (a private
@@ -41,6 +42,7 @@ from loadtest import driver, stats
 from loadtest.driver import DriverConfig, RunState
 from loadtest.stack import BENCH_KEY, free_port, redis_server, running_stack
 from loadtest.workload import Workload
+from workers.engine import engine_args, server_argv
 
 console = Console()
 ENGINES = ("vllm", "inferq")
@@ -55,20 +57,14 @@ METRICS: tuple[tuple[str, tuple[str, str], bool], ...] = (
 )
 
 
-def engine_settings(s: Settings) -> dict[str, Any]:
-    """What the inferq worker gives vLLM (see ``workers.engine.VllmEngine._build``), resolved."""
+def engine_settings(s: Settings, on_cpu: bool) -> dict[str, Any]:
+    """What the inferq worker gives vLLM: its ``vllm serve`` arguments (:func:`workers.engine.server_argv`,
+    which the worker parses with vLLM's own parser), ``VLLM_CPU_KVCACHE_SPACE`` as the worker sets it, and
+    the vLLM version."""
     import vllm
-    from vllm.platforms import current_platform
 
-    from workers.engine import resolve_dtype
-
-    on_cpu = current_platform.is_cpu()
-    return {"model": s.model_name, "served_model_name": s.served_model_name,
-            "dtype": resolve_dtype(s.dtype, on_cpu), "max_model_len": s.max_model_len,
-            "max_num_seqs": s.max_num_seqs, "tensor_parallel_size": s.tp_size,
-            "gpu_memory_utilization": s.gpu_memory_utilization,
-            "enforce_eager": on_cpu if s.enforce_eager is None else s.enforce_eager,
-            "scheduling_policy": "priority", "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_space_gib),
+    return {"argv": server_argv(s, on_cpu),
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(s.kv_cache_space_gib)),
             "vllm_version": vllm.__version__}
 
 
@@ -103,18 +99,11 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
 
 @contextmanager
 def vllm_server(engine: dict[str, Any], workdir: Path, ready_timeout: float) -> Iterator[str]:
-    """vLLM's OpenAI server with ``engine`` settings, in its own process group; yields its base URL."""
+    """vLLM's OpenAI server with ``engine`` settings (the worker's arguments), in its own process group;
+    yields its base URL."""
     port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-            "--port", str(port), "--model", engine["model"],
-            "--served-model-name", engine["served_model_name"],
-            "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
-            "--max-num-seqs", str(engine["max_num_seqs"]),
-            "--tensor-parallel-size", str(engine["tensor_parallel_size"]),
-            "--gpu-memory-utilization", str(engine["gpu_memory_utilization"]),
-            "--scheduling-policy", engine["scheduling_policy"]]
-    if engine["enforce_eager"]:
-        argv.append("--enforce-eager")
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine["argv"],
+            "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": engine["VLLM_CPU_KVCACHE_SPACE"]}
     log = workdir / "vllm-server.log"
     with log.open("wb") as out:
@@ -229,7 +218,11 @@ def main(levels: str, n_requests: int | None, prompt_words: int, max_tokens: int
     if not Path(s.model_name).exists():
         raise click.ClickException(f"{s.model_name} not found: run from the repo root after `make model`")
     concurrencies = [int(x) for x in levels.split(",") if x.strip()]
-    engine = engine_settings(s)
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    engine = engine_settings(s, on_cpu)
+    resolved = engine_args(s, on_cpu)  # for the progress lines: the worker's resolved dtype, eager mode
     opts = {"prompt_words": prompt_words, "max_tokens": max_tokens, "warmup": warmup, "timeout": timeout,
             "seed": seed}
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in ENGINES}
@@ -238,8 +231,8 @@ def main(levels: str, n_requests: int | None, prompt_words: int, max_tokens: int
         for name in ENGINES:
             workdir = Path(tmp) / name
             workdir.mkdir()
-            console.print(f"[bold]starting {name}[/] ({engine['model']}, dtype {engine['dtype']}, "
-                          f"max_num_seqs {engine['max_num_seqs']})")
+            console.print(f"[bold]starting {name}[/] ({resolved['model']}, dtype {resolved['dtype']}, "
+                          f"max_num_seqs {resolved['max_num_seqs']})")
             server = vllm_server(engine, workdir, ready_timeout) if name == "vllm" \
                 else inferq_stack(workdir, ready_timeout)
             t0 = time.monotonic()
@@ -247,7 +240,7 @@ def main(levels: str, n_requests: int | None, prompt_words: int, max_tokens: int
                 console.print(f"  ready in {time.monotonic() - t0:.0f}s at {base}")
                 for c in concurrencies:
                     n = n_requests or max(16, 4 * c)
-                    rep = run_level(base, engine["served_model_name"], c, n, opts, console.print)
+                    rep = run_level(base, s.served_model_name, c, n, opts, console.print)
                     rep["load_average_after"] = [round(x, 2) for x in os.getloadavg()]  # others on the box?
                     results[name][c] = rep
                     tok_s = rep["throughput"]["output_tokens_per_s"]
@@ -256,7 +249,7 @@ def main(levels: str, n_requests: int | None, prompt_words: int, max_tokens: int
     rows = comparison(results)
     first = next(iter(results["vllm"].values()), {})
     per_request = first["tokens"]["prompt"] / max(1, first["requests"]["completed"]) if first else 0
-    console.print(comparison_table(rows, f"inferq vs vLLM server: {engine['served_model_name']}, "
+    console.print(comparison_table(rows, f"inferq vs vLLM server: {s.served_model_name}, "
                                          f"{per_request:.0f} prompt tokens, {max_tokens} tokens, ignore_eos"))
     runs = {name: {str(c): r for c, r in by.items()} for name, by in results.items()}
     out = {"started_at": started, "machine": stats.machine_info(), "engine": engine, "workload": opts,

@@ -3,6 +3,10 @@
 A job publishes any number of ``delta`` events and then exactly one terminal
 event: ``done`` (with the engine's exact usage), ``error`` (sanitized message and
 the HTTP status it maps to) or ``cancelled``.
+
+The worker answers through vLLM's own serving layer, so a streamed job's deltas
+carry Server-Sent-Events frames exactly as vLLM's server writes them (the API
+relays them untouched), and a buffered job's ``done`` carries the response body.
 """
 
 from __future__ import annotations
@@ -10,8 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
-
-FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text for the client: ``tokens`` generated tokens (0 where a sender does not count)."""
+    """SSE frames for the client, ready to send (``data: ...\\n\\n`` as vLLM's server writes
+    them), and the ``tokens`` generated since the previous delta (0 where a sender does not count)."""
 
     text: str
     tokens: int = 0
@@ -37,10 +40,11 @@ class Delta:
 
 @dataclass(frozen=True)
 class Done:
-    """The job finished; ``usage`` is exact."""
+    """The job finished; ``usage`` is exact. ``body`` is the JSON response of a buffered
+    request (``None`` for a stream, whose frames went out as deltas)."""
 
-    finish_reason: FinishReason
     usage: Usage
+    body: str | None = None
     type: Literal["done"] = "done"
 
 

@@ -54,33 +54,40 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """What to generate: the engine-neutral form of an OpenAI request."""
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+TOKENIZE = "/tokenize"
+DETOKENIZE = "/detokenize"
+#: The endpoints a job may run: each is answered by vLLM's own serving layer on the worker.
+ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES, TOKENIZE, DETOKENIZE)
+#: The endpoints that generate tokens (the others only use the tokenizer).
+GENERATING = (CHAT, COMPLETIONS, RESPONSES)
 
-    kind: str  # "chat" or "completion"
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One OpenAI request as a job carries it: the endpoint and the client's JSON body, untouched.
+
+    The API reads only what admission needs (model, stream, token bounds); the worker
+    parses ``body`` with vLLM's request models, so every field vLLM's server accepts works.
+    """
+
+    endpoint: str
     model: str
-    messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # vLLM's extensions to OpenAI's parameters
-    top_k: int | None = None
-    min_tokens: int = 0
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
+    body: dict[str, Any]
+
+    @property
+    def stream(self) -> bool:
+        """Whether the client asked for Server-Sent Events."""
+        return self.body.get("stream") is True
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"endpoint": self.endpoint, "model": self.model, "body": self.body}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any]) -> JobRequest:
+        return cls(endpoint=data["endpoint"], model=data["model"], body=data["body"])
 
 
 @dataclass
@@ -88,14 +95,13 @@ class JobRecord:
     """One job as stored in Redis."""
 
     id: str
-    params: GenerationParams
+    request: JobRequest
     status: JobStatus = JobStatus.QUEUED
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
     worker: str | None = None
-    result: str | None = None
-    finish_reason: str | None = None
+    result: str | None = None  # the response body of a buffered request that succeeded
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
@@ -122,8 +128,8 @@ class JobRecord:
         for name, value in asdict(self).items():
             if value is None:
                 continue
-            if name == "params":
-                out[name] = json.dumps(value)
+            if name == "request":
+                out[name] = json.dumps(value, separators=(",", ":"))
             elif isinstance(value, JobStatus):
                 out[name] = value.value
             else:
@@ -137,8 +143,8 @@ class JobRecord:
                 "batch_line")
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
-            if name == "params":
-                kwargs[name] = GenerationParams.from_dict(json.loads(value))
+            if name == "request":
+                kwargs[name] = JobRequest.from_dict(json.loads(value))
             elif name == "status":
                 kwargs[name] = JobStatus(value)
             elif name in floats:
@@ -229,7 +235,7 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[4], ARGV[5], ARGV[6]) end
 if ARGV[4] == '1' then
   redis.call('HDEL', KEYS[4], ARGV[5])
   local f = redis.call('HMGET', KEYS[1], 'key_id', 'quota_key', 'reserved_tokens', 'quota_day',
-                      'prompt_tokens', 'completion_tokens', 'params', 'id', 'batch_id')
+                      'prompt_tokens', 'completion_tokens', 'request', 'id', 'batch_id')
   if f[1] then
     local prompt, completion = tonumber(f[5] or '0'), tonumber(f[6] or '0')
     if f[2] and redis.call('EXISTS', f[2]) == 1 then

@@ -13,6 +13,9 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 #: Sorted set of live workers; member ``model\tworker_id``, score = heartbeat expiry.
 LIVE_WORKERS = f"{PREFIX}:workers"
 
+#: Hash: served model -> its model cards (JSON list, as vLLM's server lists them), kept by its workers.
+MODEL_CARDS = f"{PREFIX}:model-cards"
+
 #: Hash of running jobs: job id -> ``model\tworker_id``, kept by the job state machine,
 #: so jobs orphaned by a dead worker can be found (``queueing.recovery``).
 RUNNING_JOBS = f"{PREFIX}:running"

@@ -7,8 +7,10 @@ Asking Redis is one round trip, unlike a Celery broadcast.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
+from typing import Any
 
 import redis
 
@@ -17,13 +19,24 @@ from queueing import keys
 _SEP = "\t"
 
 
-def beat(client: redis.Redis, model: str, worker_id: str, ttl: float) -> None:
-    """Record that ``worker_id`` serves ``model`` for the next ``ttl`` seconds."""
+def beat(client: redis.Redis, model: str, worker_id: str, ttl: float, model_cards: str | None = None) -> None:
+    """Record that ``worker_id`` serves ``model`` for the next ``ttl`` seconds (and the
+    model's cards, a JSON list, for ``/v1/models``)."""
     now = time.time()
     pipe = client.pipeline(transaction=False)
     pipe.zremrangebyscore(keys.LIVE_WORKERS, "-inf", now)
     pipe.zadd(keys.LIVE_WORKERS, {f"{model}{_SEP}{worker_id}": now + ttl})
+    if model_cards is not None:
+        pipe.hset(keys.MODEL_CARDS, model, model_cards)
     pipe.execute()
+
+
+def model_cards(client: redis.Redis, models: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The model cards the live workers of ``models`` published (models without any are left out)."""
+    if not models:
+        return {}
+    found = client.hmget(keys.MODEL_CARDS, models)
+    return {model: json.loads(raw) for model, raw in zip(models, found, strict=True) if raw}
 
 
 def retire(client: redis.Redis, model: str, worker_id: str) -> None:

@@ -27,7 +27,7 @@ from celery import Celery
 
 from queueing import events, jobs, keys
 from queueing.celery_app import enqueue_generation
-from queueing.jobs import GenerationParams, JobStatus, TransitionRefused
+from queueing.jobs import JobRequest, JobStatus, TransitionRefused
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,15 @@ def reap(client: redis.Redis, celery: Celery, ttl: int) -> tuple[int, int]:
             args=[orphan.job_id, orphan.entry, ttl, MAX_ATTEMPTS])
         if outcome == 1:
             log.warning("job %s: its worker %s died; running it again", orphan.job_id, orphan.entry)
-            _enqueue_again(celery, orphan.job_id, record.params)
+            _enqueue_again(celery, orphan.job_id, record.request)
             requeued += 1
         elif outcome == -2:
             failed += _fail(client, orphan, ttl, out_of_attempts=True)
     return requeued, failed
 
 
-def _enqueue_again(celery: Celery, job_id: str, params: GenerationParams) -> None:
-    enqueue_generation(celery, job_id, params.to_dict(), params.model, batch=True, request_id=job_id)
+def _enqueue_again(celery: Celery, job_id: str, request: JobRequest) -> None:
+    enqueue_generation(celery, job_id, request.to_dict(), request.model, batch=True, request_id=job_id)
 
 
 def fail_running(client: redis.Redis, job_id: str, error: events.Error, ttl: int,

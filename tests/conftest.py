@@ -32,6 +32,12 @@ TEST_KEY = "iq-test-0123456789abcdef0123"
 SCRIPTED_MODEL = "scripted-model"
 REAL_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
 REAL_MODEL = "SmolLM2-135M-Instruct"
+#: The real worker's settings; the differential test gives vLLM's own server the same ones.
+REAL_WORKER_ENV = {
+    "MODEL_NAME": str(REAL_MODEL_DIR), "SERVED_MODEL_NAME": REAL_MODEL, "MAX_NUM_SEQS": "16",
+    "MAX_MODEL_LEN": "1024", "KV_CACHE_SPACE_GIB": "1", "TOOL_CALL_PARSER": "hermes",
+    "ENABLE_AUTO_TOOL_CHOICE": "true",
+}
 
 
 def free_port() -> int:
@@ -177,9 +183,8 @@ def real_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         pytest.fail("the default model is not prepared: run `make model`")
     tmp = tmp_path_factory.mktemp("real")
     metrics_port = free_port()
-    worker = start_worker(redis_url, tmp, REAL_MODEL, 300, MODEL_NAME=str(REAL_MODEL_DIR),
-                          WORKER_METRICS_PORT=str(metrics_port), MAX_NUM_SEQS="16",
-                          MAX_MODEL_LEN="1024", KV_CACHE_SPACE_GIB="1")
+    worker = start_worker(redis_url, tmp, REAL_MODEL, 300, WORKER_METRICS_PORT=str(metrics_port),
+                          **{k: v for k, v in REAL_WORKER_ENV.items() if k != "SERVED_MODEL_NAME"})
     api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL, FILES_DIR=str(tmp / "files"))
     yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     api.stop()

@@ -249,7 +249,7 @@ def test_client_that_hangs_up_before_the_first_token_cancels_its_job(redis_url, 
             for key in redis_client.scan_iter(keys.job("*")):
                 record = jobs.get(redis_client, key.removeprefix(keys.job("")))
                 running = record is not None and record.status is JobStatus.RUNNING
-                if running and marker in json.dumps(record.params.to_dict()):
+                if running and marker in json.dumps(record.request.to_dict()):
                     found.append(record)
                     return True
             return False

@@ -11,11 +11,12 @@ import redis
 
 from queueing import events, jobs, keys, liveness
 from queueing.channel import EventSubscription
-from queueing.jobs import GenerationParams, JobRecord, JobStatus, TransitionRefused
+from queueing.jobs import CHAT, JobRecord, JobRequest, JobStatus, TransitionRefused
 
 TTL = 600
-PARAMS = GenerationParams(kind="chat", model="m", messages=[{"role": "user", "content": "hi"}],
-                          max_tokens=8, temperature=0.2, stop=["\n"], seed=3)
+REQUEST = JobRequest(CHAT, "m", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 8, "temperature": 0.2, "stop": ["\n"], "seed": 3,
+                                 "response_format": {"type": "json_object"}, "n": 2})
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def test_worker_looks_alive(redis_client: redis.Redis) -> Iterator[None]:
 
 def make_job(client: redis.Redis, status: JobStatus = JobStatus.QUEUED) -> str:
     job_id = jobs.new_job_id()
-    jobs.create(client, JobRecord(id=job_id, params=PARAMS, status=status), TTL)
+    jobs.create(client, JobRecord(id=job_id, request=REQUEST, status=status), TTL)
     return job_id
 
 
@@ -55,7 +56,9 @@ def next_message(pubsub: Any, timeout: float) -> dict[str, Any] | None:
 
 @pytest.mark.parametrize("event", [
     events.Delta("héllo\n"),
-    events.Done("length", events.Usage(5, 8)),
+    events.Delta('data: {"choices":[{"index":0,"delta":{"content":"é"}}]}\n\n', tokens=2),
+    events.Done(events.Usage(5, 8)),
+    events.Done(events.Usage(5, 8), body='{"id": "chatcmpl-1", "choices": []}'),
     events.Error("bad prompt", status=400, error_type="invalid_request_error", code="too_long",
                  param="messages", usage=events.Usage(2, 0)),
     events.Cancelled(events.Usage(4, 1)),
@@ -68,13 +71,16 @@ def test_event_round_trip(event: events.TokenEvent) -> None:
 
 
 def test_decoded_usage_total() -> None:
-    done = events.decode(events.encode(events.Done("stop", events.Usage(3, 4))))
+    done = events.decode(events.encode(events.Done(events.Usage(3, 4))))
     assert isinstance(done, events.Done) and done.usage.total_tokens == 7
 
 
 @pytest.mark.parametrize("raw", ["not json", "{}", '{"type": "delta"}',
                                  '{"type": "nope", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}',
-                                 '{"type": "done", "finish_reason": "stop"}', "[1]", "5", "null", '"x"'])
+                                 '{"type": "done", "body": "{}"}', "[1]", "5", "null", '"x"',
+                                 # the old contract's done event (finish_reason) is not one any more
+                                 '{"type": "done", "finish_reason": "stop",'
+                                 ' "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'])
 def test_decode_garbage_raises(raw: str) -> None:
     with pytest.raises(events.EventDecodeError):
         events.decode(raw)
@@ -88,10 +94,30 @@ def test_create_get_round_trip(redis_client: redis.Redis) -> None:
     record = jobs.get(redis_client, job_id)
     assert record is not None
     assert record.id == job_id
-    assert record.params == PARAMS
+    assert record.request == REQUEST
     assert record.status is JobStatus.QUEUED
     assert record.started_at is None and record.worker is None
     assert 0 < redis_client.ttl(keys.job(job_id)) <= TTL
+
+
+def test_request_body_round_trips_untouched(redis_client: redis.Redis) -> None:
+    body = {"model": "m", "input": "héllo ☃", "stream": True, "frobnicate": [1, {"x": None}],
+            "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+    request = JobRequest(jobs.RESPONSES, "m", body)
+    assert JobRequest.from_dict(request.to_dict()) == request
+    job_id = jobs.new_job_id()
+    jobs.create(redis_client, JobRecord(id=job_id, request=request), TTL)
+    record = jobs.get(redis_client, job_id)
+    assert record is not None and record.request == request and record.request.body == body
+    assert record.request.stream is True
+
+
+@pytest.mark.parametrize(("stream", "expected"), [(True, True), (False, False), (None, False), (1, False),
+                                                  ("true", False)])
+def test_request_streams_only_for_true(stream: Any, expected: bool) -> None:
+    """``parse_job_request`` normalizes ``"stream"`` before a job is made; the job reads it strictly."""
+    assert JobRequest(CHAT, "m", {"model": "m", "stream": stream}).stream is expected
+    assert JobRequest(CHAT, "m", {"model": "m"}).stream is False
 
 
 def test_get_missing_is_none(redis_client: redis.Redis) -> None:
@@ -139,7 +165,7 @@ def test_missing_job_refused(redis_client: redis.Redis) -> None:
 
 def test_transition_publishes_in_same_step(redis_client: redis.Redis) -> None:
     job_id = make_job(redis_client, JobStatus.RUNNING)
-    done = events.Done("stop", events.Usage(2, 3))
+    done = events.Done(events.Usage(2, 3), body="{}")
     with EventSubscription(redis_client, job_id) as sub:
         jobs.transition(redis_client, job_id, JobStatus.SUCCEEDED, TTL, publish=events.encode(done),
                         result="ok")
@@ -153,7 +179,7 @@ def test_refused_transition_publishes_nothing(redis_client: redis.Redis) -> None
     with EventSubscription(redis_client, job_id) as sub:
         with pytest.raises(TransitionRefused):
             jobs.transition(redis_client, job_id, JobStatus.SUCCEEDED, TTL,
-                            publish=events.encode(events.Done("stop", events.Usage(1, 1))))
+                            publish=events.encode(events.Done(events.Usage(1, 1))))
         assert sub.next_event(0.3) is None
 
 
@@ -234,7 +260,7 @@ def test_liveness_expires(redis_client: redis.Redis) -> None:
 def test_create_refuses_an_existing_id_and_reserves_nothing(redis_client: redis.Redis) -> None:
     job_id = jobs.new_job_id()
     quota = keys.quota("k-exists", "2026-01-01")
-    record = JobRecord(id=job_id, params=PARAMS, key_id="k-exists", quota_key=quota, quota_limit=1000,
+    record = JobRecord(id=job_id, request=REQUEST, key_id="k-exists", quota_key=quota, quota_limit=1000,
                        reserved_tokens=40)
     jobs.create(redis_client, record, TTL, seed_used=0)
     with pytest.raises(jobs.JobExists):

@@ -13,16 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from api import admission
+from api.job_request import worst_case_tokens
 from queueing import keys, metering
-from queueing.jobs import GenerationParams
+from queueing.jobs import CHAT, JobRequest
 from tests.conftest import SCRIPTED_MODEL, add_key
 from tests.sse_client import chunks, frames
 from tests.test_batches import chat_line, upload, wait_for
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
-
-
 
 
 def chat(text: str, **extra):
@@ -152,8 +150,8 @@ def test_fifty_concurrent_requests_never_cross_the_quota(two_apis, redis_client)
     assert any(status == 429 for status, _ in results)
     # At least as many as fit side by side at their worst case (the API's prompt bound
     # plus max_tokens); more when early ones settle while later ones still arrive.
-    worst = admission.worst_case_tokens(GenerationParams(
-        kind="chat", model="m", messages=[{"role": "user", "content": "w10"}], max_tokens=20), 2048)
+    body = chat("w10", max_tokens=20, stream=True, stream_options={"include_usage": True})
+    worst = worst_case_tokens(JobRequest(CHAT, SCRIPTED_MODEL, body), 2048)
     assert sum(status == 200 for status, _ in results) >= quota // worst
     usage = httpx.get(f"{bases[0]}/v1/usage", headers={"X-API-Key": key}).json()
     assert usage["today"]["total_tokens"] == served

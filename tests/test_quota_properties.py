@@ -8,9 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from queueing import jobs, keys, metering
-from queueing.jobs import GenerationParams, JobRecord, JobStatus
+from queueing.jobs import CHAT, JobRecord, JobRequest, JobStatus
 
 TTL = 600
+REQUEST = JobRequest(CHAT, "m", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 
 # One job: (worst case reserved at admission, exact worst case at the worker,
 # tokens actually used (a share of the exact worst case), how it ends).
@@ -23,7 +24,7 @@ job_plans = st.tuples(
 
 
 def _new_job(key_id: str, day: str, limit: int, reserve: int) -> JobRecord:
-    return JobRecord(id=jobs.new_job_id(), params=GenerationParams(kind="chat", model="m"),
+    return JobRecord(id=jobs.new_job_id(), request=REQUEST,
                      key_id=key_id, quota_key=keys.quota(key_id, day), quota_day=day,
                      quota_limit=limit, reserved_tokens=reserve)
 

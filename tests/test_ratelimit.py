@@ -17,9 +17,15 @@ import redis
 
 from api import create_app
 from api.db import ApiKey, Database
+from api.job_request import parse_job_request, worst_case_tokens
 from api.ratelimit import AUTH_ATTEMPTS, AUTH_GATE, AuthFailureGate
 from config import Settings
+from queueing.jobs import JobRequest
 from tests.conftest import SCRIPTED_MODEL, TEST_KEY, add_key, start_api
+
+BODY = {"model": SCRIPTED_MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+#: BODY's worst case: 45 bytes of its messages' JSON + 64 template + 8 per message + 20 = 137 tokens.
+WORST = 137
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
 
@@ -48,13 +54,14 @@ def test_requests_per_minute_with_openai_headers(client, app_config):
 
 
 def test_tokens_per_minute_counts_the_worst_case(client, app_config):
-    key, _ = add_key(app_config["database_url"], tpm=250)
-    body = {"model": SCRIPTED_MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    key, _ = add_key(app_config["database_url"], tpm=2 * WORST + 50)
+    body = BODY
+    job = parse_job_request("/v1/chat/completions", body)
+    assert isinstance(job, JobRequest) and worst_case_tokens(job, 2048) == WORST
     first = client.post("/v1/chat/completions", headers={"X-API-Key": key}, json=body)
     assert first.status_code == 200
-    assert first.headers["x-ratelimit-limit-tokens"] == "250"
-    # worst case = 2 bytes + 64 template + 8 per message + 20 = 94 tokens
-    assert first.headers["x-ratelimit-remaining-tokens"] == str(250 - 94)
+    assert first.headers["x-ratelimit-limit-tokens"] == str(2 * WORST + 50)
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(WORST + 50)
     second = client.post("/v1/chat/completions", headers={"X-API-Key": key}, json=body)
     third = client.post("/v1/chat/completions", headers={"X-API-Key": key}, json=body)
     assert second.status_code == 200
@@ -247,9 +254,8 @@ def test_rpm_holds_exactly_across_two_api_processes(two_apis):
 
 def test_tpm_holds_exactly_across_two_api_processes(two_apis):
     tmp, bases = two_apis
-    # Each request's worst case: 2 bytes + 64 template + 8 per message + 20 = 94 tokens.
-    key, _ = add_key(f"sqlite:///{tmp / 'inferq.db'}", tpm=7 * 94 + 50)
-    body = {"model": SCRIPTED_MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    key, _ = add_key(f"sqlite:///{tmp / 'inferq.db'}", tpm=7 * WORST + 50)
+    body = BODY
 
     def one(i: int) -> httpx.Response:
         return httpx.post(f"{bases[i % 2]}/v1/chat/completions", headers={"X-API-Key": key}, json=body,
@@ -266,14 +272,14 @@ def test_tpm_holds_exactly_across_two_api_processes(two_apis):
 
 
 def test_refused_requests_cost_no_tokens_per_minute(client, app_config):
-    key, _ = add_key(app_config["database_url"], tpm=300, daily_tokens=100, models=SCRIPTED_MODEL)
+    key, _ = add_key(app_config["database_url"], tpm=300, daily_tokens=WORST + 10, models=SCRIPTED_MODEL)
     headers = {"X-API-Key": key}
-    body = {"model": SCRIPTED_MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    body = BODY
 
     def chat(**extra):
         return client.post("/v1/chat/completions", headers=headers, json={**body, **extra})
 
-    for _ in range(4):  # each would charge 94 tokens if refusals were charged
+    for _ in range(4):  # each would charge WORST tokens if refusals were charged
         assert chat(model="some-other-model").status_code == 404
         assert chat(max_tokens=10**6).status_code == 400
         for job_body, status in (({"model": "some-other-model"}, 404), ({"max_tokens": 10**6}, 400)):
@@ -281,12 +287,12 @@ def test_refused_requests_cost_no_tokens_per_minute(client, app_config):
             assert client.post("/v1/jobs", headers=headers, json=job).status_code == status
     first = chat()
     assert first.status_code == 200
-    assert first.headers["x-ratelimit-remaining-tokens"] == str(300 - 94)
-    # The daily quota (100) now refuses another 94: the tokens charged per minute come back.
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(300 - WORST)
+    # The daily quota now refuses another WORST: the tokens charged per minute come back.
     for _ in range(3):
         refused = chat()
         assert_openai_429(refused, code="quota_exceeded")
-        assert refused.headers["x-ratelimit-remaining-tokens"] == str(300 - 94)
+        assert refused.headers["x-ratelimit-remaining-tokens"] == str(300 - WORST)
 
 
 def test_model_restricted_key_sees_and_uses_only_its_models(client, app_config):

@@ -7,16 +7,16 @@ import redis
 from config import Settings
 from queueing import events, jobs, keys, liveness, recovery
 from queueing.celery_app import make_celery
-from queueing.jobs import GenerationParams, JobRecord, JobStatus
+from queueing.jobs import COMPLETIONS, JobRecord, JobRequest, JobStatus
 
 TTL = 600
-PARAMS = GenerationParams(kind="completion", model="orphan-model", prompt="hi", max_tokens=4)
+REQUEST = JobRequest(COMPLETIONS, "orphan-model", {"model": "orphan-model", "prompt": "hi", "max_tokens": 4})
 
 
 def running_job(client: redis.Redis, worker: str, **fields: str) -> str:
     job_id = jobs.new_job_id()
-    jobs.create(client, JobRecord(id=job_id, params=PARAMS, **fields), TTL)  # type: ignore[arg-type]
-    jobs.transition(client, job_id, JobStatus.RUNNING, TTL, model=PARAMS.model, worker=worker)
+    jobs.create(client, JobRecord(id=job_id, request=REQUEST, **fields), TTL)  # type: ignore[arg-type]
+    jobs.transition(client, job_id, JobStatus.RUNNING, TTL, model=REQUEST.model, worker=worker)
     return job_id
 
 
@@ -28,11 +28,11 @@ def test_running_index_follows_the_state_machine(redis_client: redis.Redis) -> N
 
 
 def test_live_workers_jobs_are_left_alone(redis_client: redis.Redis, redis_url: str) -> None:
-    liveness.beat(redis_client, PARAMS.model, "w-alive", 30)
+    liveness.beat(redis_client, REQUEST.model, "w-alive", 30)
     job_id = running_job(redis_client, "w-alive", endpoint="/v1/completions")
     recovery.reap(redis_client, make_celery(Settings(redis_url=redis_url)), TTL)
     assert jobs.get(redis_client, job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
-    liveness.retire(redis_client, PARAMS.model, "w-alive")
+    liveness.retire(redis_client, REQUEST.model, "w-alive")
     redis_client.hdel(keys.RUNNING_JOBS, job_id)
 
 
@@ -52,14 +52,14 @@ def test_a_dead_workers_stream_fails_with_worker_lost(redis_client: redis.Redis,
 
 def test_a_dead_workers_job_is_requeued_then_given_up(redis_client: redis.Redis, redis_url: str) -> None:
     celery = make_celery(Settings(redis_url=redis_url))
-    queue = keys.batch_queue(PARAMS.model)
+    queue = keys.batch_queue(REQUEST.model)
     redis_client.delete(queue)
     job_id = running_job(redis_client, "w-dead-2", endpoint="/v1/completions")
     for attempt in range(1, recovery.MAX_ATTEMPTS + 1):
         assert recovery.reap(redis_client, celery, TTL)[0] >= 1
         assert jobs.get(redis_client, job_id).status is JobStatus.QUEUED  # type: ignore[union-attr]
         assert redis_client.llen(queue) == attempt  # one fresh task message per requeue
-        jobs.transition(redis_client, job_id, JobStatus.RUNNING, TTL, model=PARAMS.model,
+        jobs.transition(redis_client, job_id, JobStatus.RUNNING, TTL, model=REQUEST.model,
                         worker=f"w-dead-2-{attempt}")  # taken, and that worker dies too
     recovery.reap(redis_client, celery, TTL)
     record = jobs.get(redis_client, job_id)

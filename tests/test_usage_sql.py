@@ -14,7 +14,7 @@ import pytest
 from api.db import Database
 from api.ledger import Ledger
 from queueing import jobs, keys, liveness, metering
-from queueing.jobs import GenerationParams, JobRecord, JobStatus
+from queueing.jobs import COMPLETIONS, JobRecord, JobRequest, JobStatus
 from tests.conftest import SCRIPTED_MODEL, add_key
 from tests.test_metering import chat
 
@@ -24,8 +24,8 @@ TTL = 600
 def _settled_job(client: Any, key_id: str, prompt: int, completion: int) -> str:
     """A job charged to ``key_id`` that ended with this usage (its ledger entry is in the stream)."""
     job_id = jobs.new_job_id()
-    params = GenerationParams(kind="completion", model="m-ledger", prompt="x")
-    record = JobRecord(id=job_id, params=params, key_id=key_id, quota_day=metering.quota_day())
+    request = JobRequest(COMPLETIONS, "m-ledger", {"model": "m-ledger", "prompt": "x"})
+    record = JobRecord(id=job_id, request=request, key_id=key_id, quota_day=metering.quota_day())
     jobs.create(client, record, TTL)
     liveness.beat(client, "m-ledger", "w", 60)  # else the session's workers would reap it as orphaned
     try:

@@ -12,9 +12,10 @@ import redis
 
 from config import logs, tracing
 from queueing import channel, events, jobs, metering
-from queueing.jobs import GenerationParams, JobStatus, TransitionRefused
+from queueing.jobs import JobRequest, JobStatus, TransitionRefused
 from workers import metrics
 from workers.engine import AdmitCallback, Engine
+from workers.vllm_response import ENGINE_FAILURE
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,6 @@ QUOTA_EXCEEDED = events.Error(
     code="quota_exceeded",
 )
 
-ENGINE_FAILURE = events.Error(
-    message="The engine failed while processing this request.",
-    status=500,
-    error_type="server_error",
-    code="engine_error",
-)
 
 
 @dataclasses.dataclass
@@ -68,7 +63,7 @@ class JobRunner:
         """Abort ``job_id`` if this worker runs it; False if it is not running here.
 
         A cancel may arrive after the job turned RUNNING but before the engine has
-        registered the request; it is then kept and applied at the next event.
+        registered the request; it is then kept and applied as soon as the engine has it.
         """
         if self.engine.abort(job_id):
             return True
@@ -76,9 +71,12 @@ class JobRunner:
             if job_id not in self._active:
                 return False
             self._cancel_pending.add(job_id)
+        if self.engine.abort(job_id):  # registered meanwhile, perhaps after the runner looked
+            with self._lock:
+                self._cancel_pending.discard(job_id)
         return True
 
-    def run(self, job_id: str, params: GenerationParams, priority: int = INTERACTIVE,
+    def run(self, job_id: str, request: JobRequest, priority: int = INTERACTIVE,
             request_id: str | None = None, enqueued_at: float | None = None,
             trace: dict[str, str] | None = None) -> None:
         """Generate for ``job_id``, publishing deltas and exactly one terminal event.
@@ -93,18 +91,18 @@ class JobRunner:
         started = time.time()
         span = tracing.Span("inferq.job", trace, {"inferq.job_id": job_id, "inferq.priority": kind})
         try:
-            self._run(job_id, params, priority, kind, started, enqueued_at, span)
+            self._run(job_id, request, priority, kind, started, enqueued_at, span)
         finally:
             span.end()
 
-    def _run(self, job_id: str, params: GenerationParams, priority: int, kind: str, started: float,
+    def _run(self, job_id: str, request: JobRequest, priority: int, kind: str, started: float,
              enqueued_at: float | None, span: tracing.Span) -> None:
         # Active before RUNNING: a cancel that sees the job running must find it here.
         with self._lock:
             self._active.add(job_id)
         try:
             jobs.transition(
-                self.redis, job_id, JobStatus.RUNNING, self.job_ttl, model=params.model,
+                self.redis, job_id, JobStatus.RUNNING, self.job_ttl, model=request.model,
                 started_at=time.time(), worker=self.worker_id,
             )
         except TransitionRefused as refused:
@@ -123,19 +121,16 @@ class JobRunner:
             metrics.QUEUE_WAIT.labels(kind).observe(max(started - enqueued_at, 0.0))
         active = metrics.ACTIVE_JOBS.labels(kind)
         active.inc()
-        parts: list[str] = []
         progress = _Progress()
         terminal: events.TerminalEvent | None = None
         try:
-            for event in self.engine.stream(job_id, params, admit=self._admission(job_id, progress),
-                                            priority=priority):
-                if job_id in self._cancel_pending and self.engine.abort(job_id):
-                    with self._lock:
-                        self._cancel_pending.discard(job_id)
+            answer = self.engine.stream(job_id, request, admit=self._admission(job_id, progress),
+                                        priority=priority)
+            self._apply_pending_cancel(job_id)  # the engine knows the request from here on
+            for event in answer:
                 if isinstance(event, events.Delta):
                     with metrics.PUBLISH_SECONDS.time():
                         channel.publish(self.redis, job_id, event)
-                    parts.append(event.text)
                     progress.completion_tokens += event.tokens
                 else:
                     terminal = event
@@ -148,7 +143,7 @@ class JobRunner:
             self._forget(job_id)
         if terminal is None:  # failed mid-way: settle to what was generated
             terminal = dataclasses.replace(ENGINE_FAILURE, usage=progress.usage())
-        self.finish(job_id, terminal, "".join(parts))
+        self.finish(job_id, terminal)
         outcome = _STATUS_OF[type(terminal)].value
         metrics.JOBS.labels(kind, outcome).inc()
         span.set({"inferq.outcome": outcome, "gen_ai.usage.input_tokens": terminal.usage.prompt_tokens,
@@ -158,8 +153,15 @@ class JobRunner:
 
     def run_batch(self, job_id: str, params: dict[str, Any], context: dict[str, Any]) -> None:
         """Run a batch message's job at batch priority (``context``: the task's keyword arguments)."""
-        self.run(job_id, GenerationParams.from_dict(params), BATCH, request_id=context.get("request_id"),
+        self.run(job_id, JobRequest.from_dict(params), BATCH, request_id=context.get("request_id"),
                  enqueued_at=context.get("enqueued_at"), trace=context.get("trace"))
+
+    def _apply_pending_cancel(self, job_id: str) -> None:
+        with self._lock:
+            pending = job_id in self._cancel_pending
+            self._cancel_pending.discard(job_id)
+        if pending:
+            self.engine.abort(job_id)
 
     def _forget(self, job_id: str) -> None:
         with self._lock:
@@ -176,7 +178,7 @@ class JobRunner:
 
         return admit
 
-    def finish(self, job_id: str, terminal: events.TerminalEvent, text: str) -> None:
+    def finish(self, job_id: str, terminal: events.TerminalEvent) -> None:
         """Record the terminal status and publish the terminal event in one atomic step."""
         usage = terminal.usage
         try:
@@ -184,8 +186,7 @@ class JobRunner:
                 self.redis, job_id, _STATUS_OF[type(terminal)], self.job_ttl,
                 publish=events.encode(terminal),
                 finished_at=time.time(),
-                result=text,
-                finish_reason=getattr(terminal, "finish_reason", None),
+                result=getattr(terminal, "body", None),
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 error=getattr(terminal, "message", None),

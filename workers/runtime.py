@@ -3,6 +3,7 @@ threads that keep the worker visible (heartbeat) and cancellable."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -29,8 +30,9 @@ def build_engine(settings: Settings) -> Engine:
     if settings.engine == "scripted":
         from workers.scripted_engine import ScriptedEngine
 
-        return ScriptedEngine(token_delay=settings.scripted_token_delay)
-    from workers.engine import VllmEngine
+        return ScriptedEngine(token_delay=settings.scripted_token_delay, model=settings.served_model_name,
+                              max_model_len=settings.max_model_len)
+    from workers.vllm_engine import VllmEngine
 
     return VllmEngine(settings)
 
@@ -51,6 +53,7 @@ class WorkerRuntime:
         self.runner = JobRunner(engine, self.redis, self.worker_id, settings.job_ttl)
         self.batch = BatchConsumer(celery_app, keys.batch_queue(settings.served_model_name),
                                    batch_slot_count(settings), self.runner.run_batch)
+        self.model_cards = json.dumps(engine.models(), separators=(",", ":"))
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -81,7 +84,8 @@ class WorkerRuntime:
         s = self.settings
         while not self._stopping.is_set():
             try:
-                liveness.beat(self.redis, s.served_model_name, self.worker_id, s.worker_heartbeat_ttl)
+                liveness.beat(self.redis, s.served_model_name, self.worker_id, s.worker_heartbeat_ttl,
+                              self.model_cards)
                 recovery.reap(self.redis, celery_app, s.job_ttl)  # jobs of workers that died
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)

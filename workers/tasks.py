@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from queueing.celery_app import GENERATE_TASK, app
-from queueing.jobs import GenerationParams
+from queueing.jobs import JobRequest
 from workers import runtime
 from workers.runner import INTERACTIVE
 
@@ -18,5 +18,5 @@ def generate(job_id: str, params: dict[str, Any], request_id: str | None = None,
     Batch work (``GENERATE_BATCH_TASK`` messages) is consumed by
     :class:`workers.batch_consumer.BatchConsumer`, not by Celery's pool.
     """
-    runtime.current().runner.run(job_id, GenerationParams.from_dict(params), INTERACTIVE,
+    runtime.current().runner.run(job_id, JobRequest.from_dict(params), INTERACTIVE,
                                  request_id=request_id, enqueued_at=enqueued_at, trace=trace)

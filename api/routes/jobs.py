@@ -20,11 +20,11 @@ def create() -> Response:
     parsed = parse_body(JobCreateRequest)
     if isinstance(parsed, ErrorResponse):
         return respond(parsed)
-    params = job_serving.parse_job(parsed)
-    if isinstance(params, ErrorResponse):
-        return respond(params)
-    charge = token_charge(params)  # taken by the gateway after its checks, before the job exists
-    created = job_serving.create_job(services().gateway, g.principal, parsed, params, charge)
+    job = job_serving.parse_job(parsed)
+    if isinstance(job, ErrorResponse):
+        return respond(job)
+    charge = token_charge(job)  # taken by the gateway after its checks, before the job exists
+    created = job_serving.create_job(services().gateway, g.principal, parsed, job, charge)
     send_charge_headers(charge)
     return respond(created, status=202)
 

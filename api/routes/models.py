@@ -1,8 +1,6 @@
-"""``GET /v1/models``: the models that live workers serve."""
+"""``GET /v1/models``: the models that live workers serve, as their vLLM lists them."""
 
 from __future__ import annotations
-
-import time
 
 import redis
 from flask import Blueprint, Response, g, jsonify
@@ -10,19 +8,18 @@ from flask import Blueprint, Response, g, jsonify
 from api import errors
 from api.auth import require_api_key
 from api.extensions import services
-from api.protocol import ModelCard, ModelList
 
 bp = Blueprint("models", __name__, url_prefix="/v1")
-_STARTED = int(time.time())
 
 
 @bp.get("/models")
 @require_api_key
 def list_models() -> Response:
-    """OpenAI's model list."""
+    """OpenAI's model list; each card is the one vLLM's server lists (``root``, ``max_model_len``)."""
+    gateway = services().gateway
     try:
-        names = services().gateway.served_models()
+        names = [n for n in gateway.served_models() if g.principal.may_use(n)]
+        cards = gateway.model_cards(names)
     except redis.RedisError:
         return errors.to_response(errors.unavailable("The queue is unavailable.", code="queue_unavailable"))
-    visible = [n for n in names if g.principal.may_use(n)]
-    return jsonify(ModelList(data=[ModelCard(id=n, created=_STARTED) for n in visible]).model_dump())
+    return jsonify(object="list", data=cards)

@@ -1,0 +1,224 @@
+"""The real engine: one ``AsyncLLM`` per worker process, answering through vLLM's own OpenAI app.
+
+The worker builds vLLM's OpenAI server application (``build_app`` + ``init_app_state``,
+as ``vllm serve`` does) on its in-process engine, on a private asyncio loop thread,
+and calls it in-process for each job (:mod:`workers.asgi_call`). Every request field
+vLLM's server accepts therefore works and is answered identically: tools, structured
+outputs, logprobs, ``n``, the Responses API, tokenization. Celery task threads call
+:meth:`VllmEngine.stream`, which hands the request to that loop and yields token
+events from a thread-safe queue, so many tasks feed the one engine at once and vLLM
+batches them. This module knows nothing of Celery or Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from config import Settings
+from queueing import events
+from queueing.jobs import JobRequest
+from workers import engine_meter
+from workers.asgi_call import call_app
+from workers.engine import AdmitCallback, server_argv
+from workers.engine_meter import JobMeter
+from workers.vllm_response import ENGINE_FAILURE, StreamFrames, buffered_end, error_event, internal_request
+
+log = logging.getLogger(__name__)
+
+_END = object()
+_FAILED = object()  # the engine failed: vLLM's own error frames are not forwarded
+_CANCELLED = object()
+PRIORITY_HEADER = "X-Vllm-Priority"  # vLLM's own: it overrides a body's "priority"
+
+
+@dataclass(frozen=True)
+class _Start:
+    status: int
+    sse: bool
+
+
+class VllmEngine:
+    """vLLM's OpenAI app on one ``AsyncLLM``, on a private event loop, driven from worker threads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._thread.start()
+        self._running: dict[str, tuple[concurrent.futures.Future[None], JobMeter]] = {}
+        self._lock = threading.Lock()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+        self._app, self._engine = self._run(self._build()).result()
+        self._models = self._run(self._get("/v1/models")).result()
+
+    def _run(self, coro: Any) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def _build(self) -> tuple[Any, Any]:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.platforms import current_platform
+        from vllm.tool_parsers import ToolParserManager
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            server_argv(self.settings, current_platform.is_cpu()))
+        validate_parsed_serve_args(args)
+        if args.tool_parser_plugin:
+            ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        log.info("starting vLLM engine: model=%s dtype=%s eager=%s", engine_args.model, engine_args.dtype,
+                 engine_args.enforce_eager)
+        engine = AsyncLLM.from_engine_args(engine_args)
+        engine_meter.meter(engine)
+        tasks = await engine.get_supported_tasks()
+        app = build_app(args, tasks, engine.model_config)
+        await init_app_state(engine, app.state, args, tasks)
+        return app, engine
+
+    async def _get(self, path: str) -> dict[str, Any]:
+        body: list[bytes] = []
+        await call_app(self._app, "GET", path, b"", (), lambda status, headers: None, body.append)
+        data: dict[str, Any] = json.loads(b"".join(body))
+        return data
+
+    def models(self) -> list[dict[str, Any]]:
+        """The model cards vLLM's server lists at ``/v1/models``."""
+        return list(self._models.get("data", []))
+
+    async def _serve(self, job_id: str, request: JobRequest, body: bytes, priority: int, meter: JobMeter,
+                     out: queue.SimpleQueue[Any]) -> None:
+        engine_meter.current.set(meter)
+        failed = False
+
+        def on_start(status: int, headers: list[tuple[bytes, bytes]]) -> None:
+            kind = dict(headers).get(b"content-type", b"")
+            out.put(_Start(status, kind.startswith(b"text/event-stream")))
+
+        def on_body(chunk: bytes) -> None:
+            nonlocal failed
+            if meter.engine_failed and not failed:  # vLLM's in-stream error: the job reports its own
+                failed = True
+                out.put(_FAILED)
+            if not failed:
+                out.put(chunk)
+
+        try:
+            await call_app(self._app, "POST", request.endpoint, body,
+                           (("x-request-id", job_id), (PRIORITY_HEADER, str(priority))), on_start, on_body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the job ends with a sanitized error
+            if meter.refusal is None:  # a quota refusal raises through vLLM's app on purpose
+                log.exception("vLLM's app failed")
+            out.put(_FAILED)
+        finally:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                out.put(_CANCELLED)
+            out.put(_END)
+
+    def stream(self, job_id: str, request: JobRequest, admit: AdmitCallback | None = None,
+               priority: int = 0) -> Iterator[events.TokenEvent]:
+        """Start one request in vLLM's app (it can be aborted from now on); the iterator yields
+        deltas (coalesced when the consumer lags), then a terminal event."""
+        body, strip_usage = internal_request(request)
+        meter = JobMeter(admit=admit)
+        outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        future = self._run(self._serve(job_id, request, body, priority, meter, outputs))
+        with self._lock:
+            self._running[job_id] = (future, meter)
+        return self._relay(job_id, future, meter, outputs, StreamFrames(strip_usage))
+
+    def _relay(self, job_id: str, future: concurrent.futures.Future[None], meter: JobMeter,
+               outputs: queue.SimpleQueue[Any], frames: StreamFrames) -> Iterator[events.TokenEvent]:
+        ended = False
+        try:
+            terminal = yield from _events(outputs, meter, frames)
+            ended = True
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+            if not ended:
+                future.cancel()  # the consumer went away: abort inside the engine
+        yield terminal
+
+    def abort(self, job_id: str) -> bool:
+        """Abort the job's requests in the engine (every sequence of them); vLLM then finishes
+        its answer with what was generated, which the job settles to."""
+        with self._lock:
+            running = self._running.get(job_id)
+        if running is None:
+            return False
+        self._loop.call_soon_threadsafe(self._abort, *running)
+        return True
+
+    def _abort(self, future: concurrent.futures.Future[None], meter: JobMeter) -> None:
+        meter.cancelled = True
+        if meter.request_ids:
+            self._loop.create_task(self._engine.abort(list(meter.request_ids)))
+        elif meter.prompt_tokens == 0:  # no prompt admitted yet: stop preparing it
+            future.cancel()
+
+    def shutdown(self) -> None:
+        """Stop the engine core process and the loop thread."""
+        engine, self._engine = self._engine, None
+        try:
+            engine.shutdown()
+            del engine  # let AsyncLLM.__del__ run now, not during interpreter teardown
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _events(outputs: queue.SimpleQueue[Any], meter: JobMeter,
+            frames: StreamFrames) -> Generator[events.TokenEvent, None, events.TerminalEvent]:
+    """Deltas from the app's output queue (one job); returns the terminal event."""
+    start = _Start(0, False)
+    buffered: list[bytes] = []
+    sent_tokens = 0
+    failed = cancelled = done = False
+    while not done:
+        batch = [outputs.get()]
+        while not outputs.empty():  # several engine steps ready: publish them as one delta
+            batch.append(outputs.get_nowait())
+        text: list[bytes] = []
+        for item in batch:
+            if item is _END:
+                done = True
+            elif item is _FAILED:
+                failed = True
+            elif item is _CANCELLED:
+                cancelled = True
+            elif isinstance(item, _Start):
+                start = item
+            elif not start.sse:
+                buffered.append(item)
+            elif frames.keep(item):
+                text.append(item)
+        if text and meter.refusal is None and not failed:
+            tokens, sent_tokens = meter.completion_tokens - sent_tokens, meter.completion_tokens
+            yield events.Delta(b"".join(text).decode(), tokens)
+    if meter.refusal is not None:
+        return meter.refusal
+    if failed or meter.engine_failed:
+        return dataclasses.replace(ENGINE_FAILURE, usage=meter.usage())
+    if cancelled or meter.cancelled or not start.status:
+        return events.Cancelled(usage=meter.usage())
+    if start.sse:
+        return events.Done(usage=frames.usage or meter.usage())
+    if start.status >= 400:
+        return error_event(start.status, b"".join(buffered), meter.usage())
+    return buffered_end(start.status, b"".join(buffered), meter.usage())
