@@ -1,8 +1,8 @@
 """Handwritten hostile request bodies for ``test_fuzz.py``: the cases, as data.
 
 Each case: (id, path, raw body, expected status, expected OpenAI error code or None).
-``BAD_BODIES`` are refused by the API itself (admission); ``VLLM_REFUSED`` are bodies the API
-forwards and vLLM's serving layer refuses, checked against vLLM's own server in the slow
+``BAD_BODIES`` are refused by the API itself (admission); ``FORWARDED`` are bodies the API
+forwards for vLLM's serving layer to judge, checked against vLLM's own server in the slow
 differential test (the scripted engine does not validate like vLLM).
 """
 
@@ -97,8 +97,9 @@ BAD_BODIES: list[tuple[str, str, bytes, int, str | None]] = [
                                                          "metadata": {"k": "\udfff"}}), 400, None),
 ]
 
-#: Bodies the API admits and vLLM's serving layer refuses (status compared with vLLM's server).
-VLLM_REFUSED: list[tuple[str, str, bytes, int, str | None]] = [
+#: Bodies the API admits for vLLM's serving layer to judge (answers compared with vLLM's server:
+#: it refuses all but the custom role).
+FORWARDED: list[tuple[str, str, bytes, int, str | None]] = [
     ("NaN", CHAT, raw_chat('"x"').replace(b'"max_tokens": 2', b'"temperature": NaN'), 400, None),
     ("Infinity", CHAT, raw_chat('"x"').replace(b'"max_tokens": 2', b'"top_p": Infinity'), 400, None),
     ("content a number", CHAT, encoded(chat(messages=[{"role": "user", "content": 1}])), 400, None),

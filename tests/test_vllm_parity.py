@@ -24,7 +24,8 @@ import openai
 import pytest
 
 from config import Settings
-from tests.conftest import REAL_MODEL, REAL_WORKER_ENV, TEST_KEY, Process, free_port, wait_for
+from tests.conftest import REAL_MODEL, REAL_WORKER_ENV, SCRIPTED_MODEL, TEST_KEY, Process, free_port, wait_for
+from tests.hostile_cases import FORWARDED
 from workers.engine import server_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two engines start before the first test
@@ -284,3 +285,23 @@ def test_models(pair: Pair) -> None:
     assert sorted(ref) == sorted(iq) == [M]
     for key in ("max_model_len", "root", "object"):
         assert iq[M].get(key) == ref[M][key], f"{key}: vLLM {ref[M]} inferq {iq[M]}"
+
+
+@pytest.mark.parametrize(("path", "content"), [(case[1], case[2]) for case in FORWARDED],
+                         ids=[case[0] for case in FORWARDED])
+def test_hostile_values_get_vllms_answer(pair: Pair, path: str, content: bytes) -> None:
+    """Hostile values the API forwards (it reads only what admission needs): vLLM's serving
+    layer judges them on the worker, with the status and message its own server gives (it
+    accepts a custom role, and so does inferq)."""
+    content = content.replace(SCRIPTED_MODEL.encode(), M.encode())
+    headers = {"Content-Type": "application/json"}
+    ref = httpx.post(pair.ref_base + path, content=content, headers=headers, timeout=60)
+    iq = httpx.post(pair.iq_base + path, content=content, timeout=60,
+                    headers={**headers, "Authorization": f"Bearer {TEST_KEY}"})
+    assert ref.status_code < 500, ref.text
+
+    def answer(r: httpx.Response) -> Outcome:
+        body = r.json()
+        return r.status_code, body if r.status_code == 200 else body.get("error")
+
+    assert_same(answer(ref), answer(iq), f"POST {path} {content!r}")
