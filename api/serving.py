@@ -107,6 +107,7 @@ class _Timer:
 
 
 def _buffered(first: events.TokenEvent, stream: Iterator[events.TokenEvent], timer: _Timer) -> Served:
+    """vLLM's body from the done event (the deltas before it are progress: tokens, no text)."""
     for event in _chain(first, stream):
         if isinstance(event, events.Done):
             timer.done()
@@ -126,7 +127,8 @@ def _sse(first: events.TokenEvent, stream: Iterator[events.TokenEvent], job: Job
     try:
         for event in _chain(first, stream):
             if isinstance(event, events.Delta):
-                yield event.text
+                if event.text:  # a progress delta carries tokens only
+                    yield event.text
             elif isinstance(event, events.Done):
                 timer.done()
             elif isinstance(event, events.Error):

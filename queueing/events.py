@@ -31,7 +31,8 @@ class Usage:
 @dataclass(frozen=True)
 class Delta:
     """SSE frames for the client, ready to send (``data: ...\\n\\n`` as vLLM's server writes
-    them), and the ``tokens`` generated since the previous delta (0 where a sender does not count)."""
+    them), and the ``tokens`` generated since the previous delta (0 where a sender does not count).
+    An empty ``text`` is progress: tokens generated for an answer that is not streamed yet."""
 
     text: str
     tokens: int = 0

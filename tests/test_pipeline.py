@@ -170,6 +170,15 @@ def test_queue_deadline_is_504_and_cancels(app, client, auth, redis_client):
     assert record.completion_tokens == 0
 
 
+def test_a_buffered_answer_longer_than_the_queue_deadline_is_served(app, client, auth):
+    """Its body comes only at the end; the worker's progress deltas show the job is alive."""
+    settings = app.extensions["inferq"].settings
+    settings.queue_timeout, settings.idle_timeout = 0.5, 0.5
+    resp = client.post("/v1/chat/completions", headers=auth, json=chat("[[delay=0.3]]", max_tokens=5))
+    assert resp.status_code == 200, resp.json  # 1.5 s in all: three times the queue deadline
+    assert resp.json["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4"
+
+
 def test_idle_deadline_ends_stream_with_error_event_and_cancels(app, client, auth, redis_client):
     app.extensions["inferq"].settings.idle_timeout = 0.5
     body = client.post("/v1/chat/completions", headers=auth,

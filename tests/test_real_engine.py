@@ -164,3 +164,42 @@ def test_a_prompt_over_the_context_is_a_400_and_the_engine_keeps_serving(sdk):
     assert "maximum context length is 1024" in exc.value.message  # vLLM's own answer
     again = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4)
     assert again.choices[0].text.strip()
+
+
+def test_jobs_and_batches_get_vllms_whole_surface(sdk, stack):
+    """Structured outputs through /v1/jobs, and /v1/responses lines in a batch: the worker answers
+    them through vLLM's serving layer as it answers a direct request."""
+    import json
+
+    base, headers = stack["base"], {"Authorization": f"Bearer {TEST_KEY}"}
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 12}},
+              "required": ["capital"], "additionalProperties": False}
+    body = {"model": MODEL, "max_tokens": 32, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
+    job = httpx.post(f"{base}/v1/jobs", headers=headers,
+                     json={"endpoint": "/v1/chat/completions", "body": body})
+    assert job.status_code == 202, job.text
+    done = httpx.get(f"{base}/v1/jobs/{job.json()['id']}?wait=60", headers=headers, timeout=70).json()
+    assert done["status"] == "succeeded", done
+    direct = sdk.chat.completions.create(**body)
+    assert done["response"]["choices"][0]["message"]["content"] == direct.choices[0].message.content
+    assert set(json.loads(direct.choices[0].message.content)) == {"capital"}
+
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": q, "max_output_tokens": 8, "temperature": 0}}
+             for i, q in enumerate(["Say hello.", "Name a color."])]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    uploaded = sdk.files.create(file=("responses.jsonl", data), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/responses", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    out = [json.loads(line) for line in sdk.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == ["r0", "r1"]
+    for o in out:
+        response = o["response"]["body"]
+        assert response["object"] == "response" and response["usage"]["output_tokens"] > 0
+    assert batch.usage.output_tokens == sum(o["response"]["body"]["usage"]["output_tokens"] for o in out)

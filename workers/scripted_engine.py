@@ -227,6 +227,8 @@ class ScriptedEngine:
                 frames.append(reply.token(index, word, finish if i == count - 1 else None))
             if streaming:
                 yield events.Delta("".join(frames), tokens=n)
+            else:  # progress, as the real engine reports it while a buffered answer grows
+                yield events.Delta("", tokens=n)
         usage = events.Usage(prompt_tokens, count * n)
         if streaming:
             yield events.Delta("".join(reply.closing(texts, usage)), 0)

@@ -39,6 +39,10 @@ _END = object()
 _FAILED = object()  # the engine failed: vLLM's own error frames are not forwarded
 _CANCELLED = object()
 PRIORITY_HEADER = "X-Vllm-Priority"  # vLLM's own: it overrides a body's "priority"
+#: Seconds between progress deltas (no frames, the tokens generated) while vLLM writes nothing,
+#: as it does until the end of a buffered answer: the API's idle deadline and a dead worker's
+#: settlement go by them.
+PROGRESS_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,13 @@ def _events(outputs: queue.SimpleQueue[Any], meter: JobMeter,
     sent_tokens = 0
     failed = cancelled = done = False
     while not done:
-        batch = [outputs.get()]
+        try:
+            batch = [outputs.get(timeout=PROGRESS_INTERVAL)]
+        except queue.Empty:
+            if meter.completion_tokens > sent_tokens and meter.refusal is None:
+                tokens, sent_tokens = meter.completion_tokens - sent_tokens, meter.completion_tokens
+                yield events.Delta("", tokens)
+            continue
         while not outputs.empty():  # several engine steps ready: publish them as one delta
             batch.append(outputs.get_nowait())
         text: list[bytes] = []
