@@ -73,6 +73,10 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
     from workers.runtime import WorkerRuntime, build_engine
 
     log = logging.getLogger("inferq.worker")
+    if settings.engine == "vllm":  # vLLM's engine processes must not outlive this one
+        from workers import engine_reaper
+
+        engine_reaper.start()
     runtime = WorkerRuntime(settings, build_engine(settings))
     if settings.worker_metrics_port:
         try:
