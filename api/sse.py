@@ -1,16 +1,13 @@
-"""Server-Sent Events framing for OpenAI-style streams."""
+"""Server-Sent Events framing of the API's own frames (vLLM's frames are relayed as they are)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
-DONE = "data: [DONE]\n\n"
 
+def data(payload: BaseModel) -> str:
+    """One ``data:`` frame: the in-stream ``{"error": ...}`` that ends a failed stream.
 
-def data(payload: BaseModel, exclude: set[str] | None = None) -> str:
-    """One ``data:`` frame: a chunk or an in-stream ``{"error": ...}``.
-
-    ``None`` fields are kept (``finish_reason: null``), as OpenAI sends them.
+    ``None`` fields are kept (``param: null``), as OpenAI sends them.
     """
-    return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
-
+    return f"data: {payload.model_dump_json()}\n\n"

@@ -236,10 +236,6 @@ def test_job_body_errors_name_their_place_in_the_job(client: Any, auth: dict[str
 # --- SSE framing of the API's own frames ------------------------------------
 
 
-def test_done_frame() -> None:
-    assert sse.DONE == "data: [DONE]\n\n"
-
-
 def test_an_in_stream_error_is_one_data_frame() -> None:
     from api import errors
 
