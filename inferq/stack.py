@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import click
+import psutil
 import redis
 from honcho import environ
 from honcho.compat import ProcessManager
@@ -45,6 +46,8 @@ PROCESSES = ("worker", "api", "flower", "gpu-monitor")
 # Seconds beyond API_GRACEFUL_TIMEOUT that processes get to stop before SIGKILL
 # (Celery's warm shutdown, the worker's engine shutdown).
 STOP_MARGIN = 15
+#: Where a running ``inferq run`` keeps its pid, for ``inferq stop`` (relative to where it runs).
+PID_FILE = Path("data/inferq-run.pid")
 
 
 def ensure_dev_key(env_file: Path) -> str:
@@ -230,8 +233,72 @@ def run(procfile: Path) -> None:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = child_env(Path(".env"))
     kill_wait = s.api_graceful_timeout + STOP_MARGIN
-    if redis_port is None:
-        sys.exit(run_processes(procfile, PROCESSES, env, kill_wait))
-    with private_redis(redis_port):
-        code = run_processes(procfile, PROCESSES, env, kill_wait)
+    claim_pid_file()
+    try:
+        if redis_port is None:
+            code = run_processes(procfile, PROCESSES, env, kill_wait)
+        else:
+            with private_redis(redis_port):
+                code = run_processes(procfile, PROCESSES, env, kill_wait)
+    finally:
+        PID_FILE.unlink(missing_ok=True)
     sys.exit(code)
+
+
+def running_stack() -> psutil.Process | None:
+    """The ``inferq run`` whose pid :data:`PID_FILE` holds, if it still runs."""
+    try:
+        process = psutil.Process(int(PID_FILE.read_text(encoding="ascii").strip()))
+        command = " ".join(process.cmdline())
+    except (OSError, ValueError, psutil.Error):
+        return None
+    if not _running(process) or "inferq" not in command or " run" not in command:  # or a reused pid
+        return None
+    return process
+
+
+def _running(process: psutil.Process) -> bool:
+    """Still running: not gone, and not a zombie its parent has yet to wait for."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def claim_pid_file() -> None:
+    """Record this run's pid for ``inferq stop``; refuse to start a second stack here."""
+    other = running_stack()
+    if other is not None and other.pid != os.getpid():
+        raise click.ClickException(f"inferq run is already running here (pid {other.pid}); "
+                                   "`inferq stop` stops it")
+    PID_FILE.parent.mkdir(parents=True, exist_ok=True)
+    PID_FILE.write_text(f"{os.getpid()}\n", encoding="ascii")
+
+
+@click.command("stop")
+@click.option("--timeout", type=float, default=None,
+              help="Seconds to wait for it to exit (default API_GRACEFUL_TIMEOUT plus a margin).")
+def stop(timeout: float | None) -> None:
+    """Stop the stack that `inferq run` started from this directory, gracefully.
+
+    It gets SIGTERM, as with Ctrl-C: open streams finish within API_GRACEFUL_TIMEOUT, then
+    every process exits (SIGKILL only for one that will not).
+    """
+    process = running_stack()
+    if process is None:
+        console.print("nothing is running: no `inferq run` started from this directory")
+        return
+    wait = timeout if timeout is not None else get_settings().api_graceful_timeout + STOP_MARGIN + 5
+    console.print(f"stopping inferq run (pid {process.pid}); open streams may take up to {wait:.0f} s")
+    process.terminate()
+    deadline = time.monotonic() + wait
+    next_note = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not _running(process):
+            console.print("stopped")
+            return
+        if time.monotonic() >= next_note:
+            console.print(f"still stopping ({deadline - time.monotonic():.0f} s left)")
+            next_note += 5
+        time.sleep(0.2)
+    raise click.ClickException(f"inferq run (pid {process.pid}) did not stop within {wait:.0f} s")

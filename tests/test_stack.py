@@ -117,8 +117,8 @@ def live_sessions(session_ids: set[int]) -> list[str]:
     return alive
 
 
-def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
-    api_port = free_port()
+def _run_env(tmp_path: Path, api_port: int) -> dict[str, str]:
+    """``inferq run``'s environment: the scripted engine, free ports, no Redis yet."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
     env.update({
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing there: the run starts Redis
@@ -138,12 +138,22 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
         "WORKER_HEARTBEAT_TTL": "3",
         "PYTHONUNBUFFERED": "1",
     })
+    return env
+
+
+def _start_run(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         # Its own session, like a shell's foreground job: Ctrl-C is SIGINT to this group.
         argv = [sys.executable, "-m", "inferq.cli", "run", "--procfile", str(ROOT / "Procfile")]
         run = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    return run, log_path
+
+
+def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
+    api_port = free_port()
+    run, log_path = _start_run(tmp_path, _run_env(tmp_path, api_port))
     base = f"http://127.0.0.1:{api_port}"
     try:
         wait_for(lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 120, "/ready", run)
@@ -172,3 +182,29 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
     assert "Connection refused" not in output, output
     assert "redis-server stopped" in output.rsplit("stopped (rc=", 1)[1], output  # Redis last
     assert not (tmp_path / ".env").exists()  # API_KEYS was given: no development key written
+
+
+def test_inferq_stop_stops_a_stack_started_elsewhere(tmp_path: Path) -> None:
+    api_port = free_port()
+    env = _run_env(tmp_path, api_port)
+    run, log_path = _start_run(tmp_path, env)
+    stop = [sys.executable, "-m", "inferq.cli", "stop"]
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{api_port}/ready", timeout=2).status_code == 200, 120,
+                 "/ready", run)
+        argv = [sys.executable, "-m", "inferq.cli", "run", "--procfile", str(ROOT / "Procfile")]
+        second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "already running" in second.stderr, second.stderr
+        stopped = subprocess.run(stop, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 timeout=GRACEFUL + STOP_MARGIN + 30)
+        assert stopped.returncode == 0 and "stopped" in stopped.stderr, stopped.stderr
+        assert run.poll() is not None  # it waited for the run to end
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    output = log_path.read_text(errors="replace")
+    assert output.count("stopped (rc=0)") == 4, output  # each exited by itself, not by a signal
+    assert "SIGKILL" not in output and "Traceback" not in output, output
+    again = subprocess.run(stop, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "nothing is running" in again.stderr, again.stderr
