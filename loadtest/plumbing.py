@@ -309,7 +309,7 @@ def level_json(lv: Level) -> dict[str, Any]:
 
 
 def summary_lines(levels: list[Level], max_tokens: int) -> list[str]:
-    """The sentences the README quotes: overhead at concurrency 1, the best rate, the CPU ceiling."""
+    """The sentences docs/benchmarks.md quotes: overhead at concurrency 1, the best rate, the CPU ceiling."""
     lines = []
     for lv in levels:
         stack_p50, engine_p50 = (lv.stack.latency.p50 if lv.stack.latency else 0.0), lv.engine.latency.p50
