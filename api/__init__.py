@@ -10,20 +10,30 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api import errors, metrics
-from api.auth import KeyStore
-from api.batch_runner import BatchRunner
-from api.batch_store import BatchStore
+from api.accounts.auth import KeyStore
+from api.accounts.keys import check_bootstrap_keys
+from api.accounts.ledger import Ledger
+from api.accounts.ratelimit import AUTH_GATE, AuthFailureGate, KeyRateLimiter, ip_limiter
+from api.accounts.routes import bp as usage_bp
+from api.batches.collector import BatchCollector
+from api.batches.routes import bp as batches_bp
+from api.batches.runner import BatchRunner
+from api.batches.store import BatchStore
 from api.db import Database
 from api.extensions import Services
-from api.files import FileStore
-from api.gateway import Gateway
-from api.ledger import Ledger
-from api.ratelimit import AUTH_GATE, AuthFailureGate, KeyRateLimiter, ip_limiter
-from api.routes import batches, completions, files, health, jobs, models, openapi, usage
+from api.files.routes import bp as files_bp
+from api.files.store import FileStore, remove_stale_parts
+from api.generation.gateway import Gateway
+from api.generation.models import bp as models_bp
+from api.generation.routes import bp as completions_bp
+from api.http import errors, metrics
+from api.http.health import bp as health_bp
+from api.http.json_limits import JSONLimits, LimitedJSONProvider
+from api.http.openapi_routes import bp as openapi_bp
+from api.jobs.routes import bp as jobs_bp
 from config import Settings, get_settings, logs, tracing
 from queueing.celery_app import make_celery
-from queueing.connections import get_redis
+from queueing.connections import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -45,42 +55,45 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """
     settings = Settings(**test_config) if test_config else get_settings()
     logs.configure(settings.log_level, settings.log_format)
+    weak_keys = check_bootstrap_keys(settings)  # raises under ENV=production
     tracing.init_tracing("inferq-api")
     app = Flask(__name__, static_folder=None)
     if settings.trusted_proxy_count:  # the client address is the proxies' X-Forwarded-For entry
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = LimitedJSONProvider(app, JSONLimits.from_settings(settings))  # bodies over the caps: 400
+    app.json.sort_keys = False
 
     db = Database(settings)
     db.create_schema()
-    client = get_redis(settings.redis_url)
-    ledger = Ledger(client, db)
-    gateway = Gateway(settings, client, make_celery(settings), used_on=ledger.used_on)
+    client = redis_client(settings)
+    key_store = KeyStore(db, settings.bootstrap_keys)
     files_store = FileStore(db, settings)
-    batches_runner = BatchRunner(BatchStore(db), files_store, gateway)
-    ledger.hooks.append(batches_runner.collector.on_settled)  # finished batch lines ride on the usage stream
-    app.extensions["inferq"] = Services(settings, db, KeyStore(db, settings.bootstrap_keys), gateway, ledger,
-                                        KeyRateLimiter(settings.redis_url), files_store, batches_runner)
-    batches_runner.principal_for = app.extensions["inferq"].keys.principal_for
+    remove_stale_parts(files_store.root)  # what a crashed upload left behind
+    batch_store = BatchStore(db)
+    collector = BatchCollector.for_store(batch_store, files_store, client)
+    ledger = Ledger(client, db, hooks=[collector.on_settled])  # finished batch lines ride on the usage stream
+    gateway = Gateway(settings, client, make_celery(settings), used_on=ledger.used_on)
+    batches_runner = BatchRunner(batch_store, files_store, gateway, collector, key_store.principal_for)
+    app.extensions["inferq"] = Services(settings, db, key_store, gateway, ledger, KeyRateLimiter(settings),
+                                        files_store, batches_runner)
     if settings.ledger_drain:
         ledger.start_background()
-        batches_runner.start_resumer()  # after principal_for is set: a resumed dispatch needs it
-    if settings.placeholder_keys:
-        log.warning("API_KEYS holds %d placeholder or short key(s): replace them before exposing "
-                    "this server", len(settings.placeholder_keys))
+        batches_runner.start_resumer()
+    if weak_keys:
+        log.warning(weak_keys)
 
     _register_hooks(app, settings)
     metrics.init_app(app, settings, client)
     errors.register_error_handlers(app)
     limiter = ip_limiter(app, settings)
-    limiter.limit(settings.ip_rate_limit)(health.bp)
-    limiter.limit(settings.ip_rate_limit)(openapi.bp)
-    api_blueprints = (models.bp, completions.bp, jobs.bp, usage.bp, files.bp, batches.bp)
+    limiter.limit(settings.ip_rate_limit)(health_bp)
+    limiter.limit(settings.ip_rate_limit)(openapi_bp)
+    api_blueprints = (models_bp, completions_bp, jobs_bp, usage_bp, files_bp, batches_bp)
     # One brute-force budget per client address over every /v1 endpoint: require_api_key
     # asks the gate once it checked the key.
     app.extensions[AUTH_GATE] = AuthFailureGate(client, settings.auth_failure_limit)
-    for blueprint in (health.bp, openapi.bp, *api_blueprints):
+    for blueprint in (health_bp, openapi_bp, *api_blueprints):
         app.register_blueprint(blueprint)
     return app
 

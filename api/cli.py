@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from api.gunicorn_conf import OWNED_METRICS_DIR
+from api.accounts.keys import PlaceholderKeys, check_bootstrap_keys
+from api.http.gunicorn_conf import OWNED_METRICS_DIR
 from config import Settings, get_settings
 
 
@@ -35,6 +36,10 @@ def metrics_dir(settings: Settings) -> str:
 def api(host: str | None, port: int | None, workers: int | None, connections: int) -> None:
     """Serve the OpenAI-compatible API (gunicorn + gevent)."""
     s = get_settings()
+    try:
+        check_bootstrap_keys(s)  # ENV=production: refuse placeholder keys before gunicorn starts
+    except PlaceholderKeys as exc:
+        raise click.ClickException(str(exc)) from None
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(s)
     argv = [
         sys.executable, "-m", "gunicorn",
@@ -44,7 +49,7 @@ def api(host: str | None, port: int | None, workers: int | None, connections: in
         "--bind", f"{host or s.api_host}:{port or s.api_port}",
         "--graceful-timeout", str(s.api_graceful_timeout),
         "--keep-alive", str(s.api_keepalive),
-        "--config", str(Path(__file__).with_name("gunicorn_conf.py")),
+        "--config", str(Path(__file__).parent / "http" / "gunicorn_conf.py"),
         "--access-logfile", "-",
         "--no-control-socket",  # several API servers may share a host
         "api:create_app()",

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 from flask import current_app
 
 if TYPE_CHECKING:
-    from api.auth import KeyStore
-    from api.batch_runner import BatchRunner
+    from api.accounts.auth import KeyStore
+    from api.accounts.ledger import Ledger
+    from api.accounts.ratelimit import KeyRateLimiter
+    from api.batches.runner import BatchRunner
     from api.db import Database
-    from api.files import FileStore
-    from api.gateway import Gateway
-    from api.ledger import Ledger
-    from api.ratelimit import KeyRateLimiter
+    from api.files.store import FileStore
+    from api.generation.gateway import Gateway
     from config import Settings
 
 

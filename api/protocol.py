@@ -13,27 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-def lone_surrogate_at(data: Any) -> str | None:
-    """Where ``data`` holds a string with a lone surrogate (JSON's ``"\\ud800"`` decodes to one), if anywhere.
-
-    Such a string is not text: it cannot be encoded, so Redis, Celery and the tokenizer would fail on it.
-    """
-    stack: list[tuple[str, Any]] = [("", data)]  # iterative: bodies may nest as deep as JSON allows
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str) and not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                return path
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                child = f"{path}.{key}" if path else str(key)
-                stack += [(child, key), (child, item)]
-        elif isinstance(value, list):
-            stack += [(f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value)]
-    return None
+from api.http.surrogates import lone_surrogate_at
 
 
 class OpenAIModel(BaseModel):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
@@ -101,8 +103,15 @@ def make_app(poller: GpuPoller, registry: CollectorRegistry) -> WsgiApp:
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def handle_error(self, request: socket.socket | tuple[bytes, socket.socket],
+                     client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], TimeoutError):  # a silent client cut off: nothing to report
+            super().handle_error(request, client_address)
+
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # seconds a connection may stay silent (a scrape takes ms): no slow client keeps a thread
+
     def log_message(self, format: str, *args: object) -> None:
         logger.debug(format, *args)
 

@@ -2,23 +2,20 @@
 
 Ensures a development key, the default model and a reachable Redis (starting a
 private one when none answers), prints the URLs, then runs the Procfile's
-processes (worker, API, Flower, GPU exporter) under honcho's process manager
-with prefixed logs. Ctrl-C stops them gracefully; a Redis started here is
-stopped only after they have all exited, so their last Redis calls succeed.
+processes (worker, API, Flower, GPU exporter) under :mod:`inferq.supervisor`
+with prefixed logs: one that dies is restarted, with backoff, up to RESTART_LIMIT.
+Ctrl-C stops them gracefully; a Redis started here is stopped only after they
+have all exited, so their last Redis calls succeed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
+import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,12 +23,14 @@ import click
 import psutil
 import redis
 from honcho import environ
-from honcho.compat import ProcessManager
-from honcho.manager import Manager
-from honcho.printer import Printer
 from rich.console import Console
 
 from config import get_settings, logs
+from inferq.cli import flower_command, is_loopback
+from inferq.launcher import redis_answers, redis_server_argv
+from inferq.status import redacted
+from inferq.supervisor import Program, RestartPolicy, Supervisor
+from queueing.connections import redis_client
 from workers.model_prep import (
     ModelPrepError,
     find_packaged_gguf,
@@ -48,6 +47,8 @@ PROCESSES = ("worker", "api", "flower", "gpu-monitor")
 STOP_MARGIN = 15
 #: Where a running ``inferq run`` keeps its pid, for ``inferq stop`` (relative to where it runs).
 PID_FILE = Path("data/inferq-run.pid")
+#: The data directory (append-only file) of the private Redis ``inferq run`` starts.
+REDIS_DIR = Path("data/redis")
 
 
 def ensure_dev_key(env_file: Path) -> str:
@@ -56,20 +57,22 @@ def ensure_dev_key(env_file: Path) -> str:
     if keys:
         return keys[0]
     key = f"iq-dev-{secrets.token_urlsafe(24)}"
-    with env_file.open("a", encoding="utf-8") as f:
-        f.write(f"\n# development key created by `inferq run`\nAPI_KEYS={key}\n")
+    append_secret(env_file, f"\n# development key created by `inferq run`\nAPI_KEYS={key}\n")
     os.environ["API_KEYS"] = key
     get_settings.cache_clear()
     console.print(f"[green]created a development API key in {env_file}[/]")
     return key
 
 
-def redis_reachable(url: str) -> bool:
-    """True when Redis at ``url`` answers PING."""
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+def append_secret(env_file: Path, text: str) -> None:
+    """Append ``text`` to ``env_file``, which holds secrets: readable by its owner only (0600),
+    created so, and narrowed to that if it was open to others."""
+    fd = os.open(env_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+            console.print(f"{env_file} was readable by other users: it holds secrets, now 0600", markup=False)
+        f.write(text)
 
 
 def ensure_model() -> None:
@@ -95,48 +98,6 @@ def ensure_model() -> None:
             style="yellow", markup=False, highlight=False)
 
 
-class LeaderFirst(ProcessManager):
-    """SIGTERM to each process only, SIGKILL to its whole group.
-
-    honcho signals the process group, so a worker's vLLM EngineCore would get SIGTERM
-    at the same moment as the worker and die under the requests Celery's warm shutdown
-    is still finishing. The leader stops its own children in order instead (the worker
-    its engine, gunicorn its workers); the final SIGKILL still reaches every one.
-    """
-
-    def terminate(self, pid: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
-            os.kill(pid, signal.SIGTERM)
-
-
-class GracefulManager(Manager):
-    """honcho's Manager, waiting ``kill_wait`` seconds after SIGTERM before SIGKILL.
-
-    Manager.loop SIGKILLs whatever still runs 5 s (honcho's KILL_WAIT) after the
-    first process stops: shorter than Celery's warm shutdown and gunicorn's
-    graceful timeout. Past that point the loop calls ``kill`` on every turn; this
-    lets it through only once ``kill_wait`` (longer than KILL_WAIT) has passed
-    since the first ``terminate``.
-    """
-
-    def __init__(self, printer: Printer, kill_wait: float) -> None:
-        super().__init__(printer)
-        self.kill_wait = kill_wait
-        self._stopping_since: float | None = None
-        self._procmgr = LeaderFirst()
-
-    def terminate(self) -> None:
-        if self._stopping_since is None:
-            self._stopping_since = time.monotonic()
-            console.print(f"stopping: waiting up to {self.kill_wait:g} s for the processes to exit",
-                          highlight=False)
-        super().terminate()
-
-    def kill(self) -> None:
-        if self._stopping_since is not None and time.monotonic() - self._stopping_since >= self.kill_wait:
-            super().kill()
-
-
 def child_env(env_file: Path) -> dict[str, str]:
     """The processes' environment: ours, plus ``env_file`` entries we do not set ourselves
     (the same precedence as the settings: the environment wins over ``.env``)."""
@@ -147,48 +108,42 @@ def child_env(env_file: Path) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def private_redis(port: int) -> Iterator[None]:
-    """A redis-server for this run, stopped when the block ends.
+def redis_program(port: int, env: dict[str, str], data_dir: Path = REDIS_DIR) -> Program:
+    """A private redis-server for this run: started first (ready when it answers PING), stopped
+    last, so the other processes' last Redis calls succeed.
 
-    It runs in its own session, so the terminal's Ctrl-C reaches only ``inferq
-    run``, which stops it after the processes that use it have exited.
+    It keeps an append-only file in ``data_dir`` (fsync once a second), so queued jobs, job
+    records and usage not yet in SQL survive a restart of the run or of the machine.
     """
-    proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--loglevel", "warning"],
-        start_new_session=True,
-    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [*redis_server_argv(port, data_dir.resolve(), append_only=True), "--loglevel", "warning"]
     url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while not redis_reachable(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise click.ClickException(f"redis-server did not start on port {port}")
-            time.sleep(0.1)
-        console.print(f"redis-server started (pid {proc.pid}, port {port})", highlight=False)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        console.print("redis-server stopped", highlight=False)
+    return Program("redis-server", f"exec {shlex.join(argv)}", env, first=True,
+                   ready=lambda: redis_answers(url))
 
 
-def run_processes(procfile: Path, names: tuple[str, ...], env: dict[str, str], kill_wait: float) -> int:
-    """Run ``names`` from ``procfile`` under honcho until they stop; their exit code."""
+def restart_policy() -> RestartPolicy:
+    """RESTART_LIMIT restarts within RESTART_WINDOW seconds, the delay doubling from RESTART_BACKOFF."""
+    s = get_settings()
+    return RestartPolicy(limit=s.restart_limit, window=s.restart_window, backoff=s.restart_backoff)
+
+
+def run_processes(procfile: Path, names: tuple[str, ...], env: dict[str, str], kill_wait: float,
+                  policy: RestartPolicy | None = None, first: tuple[Program, ...] = ()) -> int:
+    """Supervise ``names`` from ``procfile`` (after ``first``) until they stop; the exit code.
+
+    It is non-zero when a process kept dying (after the message saying which).
+    """
     commands = environ.parse_procfile(procfile.read_text(encoding="utf-8")).processes
     missing = [n for n in names if n not in commands]
     if missing:
         raise click.ClickException(f"{procfile} has no {', '.join(missing)} process")
-    manager = GracefulManager(Printer(sys.stdout), kill_wait)
-    for name in names:
-        manager.add_process(name, commands[name], env=env)
-    manager.loop()
-    return int(manager.returncode or 0)
+    programs = [*first, *(Program(name, commands[name], env) for name in names)]
+    supervisor = Supervisor(programs, kill_wait, policy or RestartPolicy())
+    code = supervisor.run()
+    if supervisor.gave_up:
+        console.print(f"[red]inferq run gave up: {supervisor.gave_up}[/]", highlight=False, soft_wrap=True)
+    return code
 
 
 @click.command("run")
@@ -198,27 +153,42 @@ def run(procfile: Path) -> None:
     """Run worker, API, Flower and the GPU exporter together (and Redis if none is reachable).
 
     Logs are plain text here unless LOG_FORMAT says otherwise (deployments log JSON).
-    Ctrl-C stops everything gracefully (API_GRACEFUL_TIMEOUT plus a margin, then SIGKILL).
+    A process that dies is restarted (RESTART_LIMIT times within RESTART_WINDOW seconds,
+    then everything stops with a non-zero status). Ctrl-C stops everything gracefully
+    (API_GRACEFUL_TIMEOUT plus a margin, then SIGKILL).
     """
     key = ensure_dev_key(Path(".env"))
     s = get_settings()
     ensure_model()
     if "log_format" not in s.model_fields_set:
-        os.environ["LOG_FORMAT"] = "text"  # honcho prefixes each line with its process: keep it readable
+        os.environ["LOG_FORMAT"] = "text"  # each line is prefixed with its process: keep it readable
     if "worker_task_events" not in s.model_fields_set:
         os.environ["WORKER_TASK_EVENTS"] = "true"  # Flower's task views, here where Flower runs
+    flower_command(s)  # refuses a public Flower without credentials before anything starts
     redis_port = None
-    if not redis_reachable(s.redis_url):
+    if s.redis_sentinels:  # a Sentinel group: its primary, never a private redis-server
+        try:
+            redis_client(s).ping()
+        except redis.RedisError as exc:
+            raise click.ClickException(
+                f"no Redis primary '{s.redis_sentinel_master}' through the sentinels {s.redis_sentinels}: "
+                f"{exc}") from exc
+    elif not redis_answers(s.redis_url, s.redis_ca_file):
         url = urlparse(s.redis_url)
-        if url.hostname not in ("127.0.0.1", "localhost") or not shutil.which("redis-server"):
-            raise click.ClickException(f"Redis at {s.redis_url} is unreachable; start it or set REDIS_URL")
+        shown = redacted(s.redis_url)
+        if url.hostname not in ("127.0.0.1", "localhost") or url.scheme != "redis" \
+                or not shutil.which("redis-server"):
+            raise click.ClickException(f"Redis at {shown} is unreachable; start it or set REDIS_URL")
         redis_port = url.port or 6379
-        console.print(f"[yellow]no Redis at {s.redis_url}: starting a private redis-server[/]")
+        console.print(f"no Redis at {shown}: starting a private redis-server (data in {REDIS_DIR})",
+                      style="yellow", markup=False, highlight=False)
     base = f"http://localhost:{s.api_port}"
+    flower_host = "localhost" if is_loopback(s.flower_address) else (s.flower_address or "0.0.0.0")
     console.rule("[bold]inferq")
     console.print(
         f"API      {base}/v1   (health {base}/health, ready {base}/ready)\n"
-        f"Flower   http://localhost:{s.flower_port}   (its /metrics too)\n"
+        f"Flower   http://{flower_host}:{s.flower_port}   (its /metrics too"
+        f"{'; basic auth' if s.flower_basic_auth else ''})\n"
         f"Metrics  {base}/metrics   worker :{s.worker_metrics_port}/metrics   "
         f"GPUs :{s.gpu_monitor_port}/metrics\n"
         f"API key  {key}\n\n"
@@ -233,13 +203,10 @@ def run(procfile: Path) -> None:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = child_env(Path(".env"))
     kill_wait = s.api_graceful_timeout + STOP_MARGIN
+    first = () if redis_port is None else (redis_program(redis_port, env),)
     claim_pid_file()
     try:
-        if redis_port is None:
-            code = run_processes(procfile, PROCESSES, env, kill_wait)
-        else:
-            with private_redis(redis_port):
-                code = run_processes(procfile, PROCESSES, env, kill_wait)
+        code = run_processes(procfile, PROCESSES, env, kill_wait, restart_policy(), first)
     finally:
         PID_FILE.unlink(missing_ok=True)
     sys.exit(code)

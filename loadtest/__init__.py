@@ -1,1 +1,1 @@
-"""Load generation and benchmarks against an inferq (or any OpenAI-compatible) server."""
+"""Load generation against an inferq (or any OpenAI-compatible) server: ``inferq loadtest``."""

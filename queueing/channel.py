@@ -2,15 +2,16 @@
 
 The consumer subscribes *before* the job is enqueued (and waits for Redis to
 confirm the subscription), so not even an immediate first token can be missed.
+Subscriptions share their process's one pub/sub connection
+(:mod:`queueing.subscriber`).
 """
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from queueing import events, keys
+from queueing.subscriber import Inbox, PendingInbox, subscriber_for
 
 
 def publish(client: redis.Redis, job_id: str, event: events.TokenEvent) -> None:
@@ -19,67 +20,63 @@ def publish(client: redis.Redis, job_id: str, event: events.TokenEvent) -> None:
 
 
 class EventSubscription:
-    """A confirmed subscription to one job's events."""
+    """A confirmed subscription to one job's events.
 
-    def __init__(self, client: redis.Redis, job_id: str):
+    Raises ``redis.TimeoutError`` if Redis does not confirm it within ``timeout``
+    seconds, and ``redis.ConnectionError`` (then or while reading) if the
+    connection to Redis fails.
+    """
+
+    def __init__(self, client: redis.Redis, job_id: str, timeout: float = 5.0):
         self.job_id = job_id
-        self._pubsub = client.pubsub(ignore_subscribe_messages=False)
-        self._pubsub.subscribe(keys.job_events(job_id))
-        self._confirm()
+        self._inbox = subscriber_for(client).subscribe(keys.job_events(job_id).encode(), timeout)
 
-    def _confirm(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = self._pubsub.get_message(timeout=deadline - time.monotonic())
-            if msg and msg["type"] == "subscribe":
-                return
-        raise redis.TimeoutError("pub/sub subscription not confirmed")
+    @classmethod
+    def start(cls, client: redis.Redis, job_id: str) -> PendingSubscription:
+        """Send the subscription now and wait for Redis's confirmation later
+        (:meth:`PendingSubscription.confirmed`), doing other round trips meanwhile."""
+        channel = keys.job_events(job_id).encode()
+        return PendingSubscription(job_id, subscriber_for(client).start_subscribe(channel))
+
+    @classmethod
+    def _of(cls, job_id: str, inbox: Inbox) -> EventSubscription:
+        subscription = cls.__new__(cls)
+        subscription.job_id, subscription._inbox = job_id, inbox
+        return subscription
 
     def next_event(self, timeout: float) -> events.TokenEvent | None:
         """The next event, or ``None`` if none arrives within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            msg = self._pubsub.get_message(timeout=remaining)
-            if msg and msg["type"] == "message":
-                return events.decode(msg["data"])
+        raw = self._inbox.get(timeout)
+        return None if raw is None else events.decode(raw)
+
+    def next_events(self, timeout: float) -> list[events.TokenEvent]:
+        """Every event received and not yet read, in order (waiting up to ``timeout``
+        seconds for the first), or ``[]``."""
+        return [events.decode(raw) for raw in self._inbox.get_all(timeout)]
 
     def close(self) -> None:
-        """Unsubscribe and give the connection back to the pool, still connected.
-
-        redis-py's own ``PubSub.close`` disconnects the connection it releases, so the
-        next command to take it reconnects: one new TCP connection per request. Here the
-        subscription waits for Redis to confirm the unsubscribe (the connection is then
-        back in normal mode, with nothing left to read) and returns it as it is; if the
-        confirmation does not come, it falls back to disconnecting.
-        """
-        pubsub = self._pubsub
-        try:
-            if pubsub.connection is not None and self._unsubscribed(pubsub):
-                connection, pubsub.connection = pubsub.connection, None
-                connection.deregister_connect_callback(pubsub.on_connect)
-                pubsub.connection_pool.release(connection)
-            pubsub.close()  # resets its state; disconnects only a connection it still holds
-        except (redis.RedisError, OSError):
-            try:
-                pubsub.close()
-            except (redis.RedisError, OSError):
-                pass
-
-    @staticmethod
-    def _unsubscribed(pubsub: redis.client.PubSub, timeout: float = 1.0) -> bool:
-        pubsub.unsubscribe()
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            msg = pubsub.get_message(timeout=remaining)  # late token events are dropped here
-            if msg and msg["type"] == "unsubscribe" and not msg["data"]:
-                return True  # subscribed to nothing: a normal connection again
-        return False
+        """Unsubscribe (idempotent); events published later are dropped."""
+        self._inbox.close()
 
     def __enter__(self) -> EventSubscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PendingSubscription:
+    """A subscription to a job's events that Redis has not confirmed yet."""
+
+    def __init__(self, job_id: str, pending: PendingInbox):
+        self.job_id = job_id
+        self._pending = pending
+
+    def confirmed(self, timeout: float = 5.0) -> EventSubscription:
+        """The subscription once confirmed: nothing published from now on is missed
+        (``redis.TimeoutError`` / ``redis.ConnectionError`` otherwise, and it is closed)."""
+        return EventSubscription._of(self.job_id, self._pending.confirmed(timeout))
+
+    def close(self) -> None:
+        """Give it up without waiting."""
+        self._pending.close()

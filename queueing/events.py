@@ -7,6 +7,10 @@ the HTTP status it maps to) or ``cancelled``.
 The worker answers through vLLM's own serving layer, so a streamed job's deltas
 carry Server-Sent-Events frames exactly as vLLM's server writes them (the API
 relays them untouched), and a buffered job's ``done`` carries the response body.
+
+On the wire a delta is not JSON: it is ``d<tokens> `` followed by the frames' bytes,
+so neither side escapes or parses the frames (every token crosses this path). The
+terminal events, one per job, are JSON objects.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ class Usage:
 class Delta:
     """SSE frames for the client, ready to send (``data: ...\\n\\n`` as vLLM's server writes
     them), and the ``tokens`` generated since the previous delta (0 where a sender does not count).
-    An empty ``text`` is progress: tokens generated for an answer that is not streamed yet."""
+    Empty ``frames`` are progress: tokens generated for an answer that is not streamed yet."""
 
-    text: str
+    frames: bytes
     tokens: int = 0
     type: Literal["delta"] = "delta"
 
@@ -83,18 +87,31 @@ def is_terminal(event: TokenEvent) -> bool:
     return not isinstance(event, Delta)
 
 
-def encode(event: TokenEvent) -> str:
+_DELTA = b"d"
+
+
+def encode(event: TokenEvent) -> bytes:
     """Serialize an event for ``PUBLISH``."""
-    return json.dumps(asdict(event), separators=(",", ":"))
+    if isinstance(event, Delta):
+        return b"%s%d %s" % (_DELTA, event.tokens, event.frames)
+    return json.dumps(asdict(event), separators=(",", ":")).encode()
 
 
 def decode(raw: str | bytes) -> TokenEvent:
     """Parse an event published by :func:`encode`."""
+    if isinstance(raw, str):  # from a client that decodes replies
+        raw = raw.encode()
+    if raw[:1] == _DELTA:
+        head, sep, frames = raw.partition(b" ")
+        try:
+            if sep:
+                return Delta(frames, int(head[1:]))
+        except ValueError:
+            pass
+        raise EventDecodeError(f"bad token event: {raw!r:.200}")
     try:
         data: dict[str, Any] = json.loads(raw)
         kind = data.pop("type")
-        if kind == "delta":
-            return Delta(**data)
         usage = Usage(**data.pop("usage"))
         if kind == "done":
             return Done(usage=usage, **data)

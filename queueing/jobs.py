@@ -1,23 +1,28 @@
 """The job record and its state machine.
 
-A job is a Redis hash that expires ``JOB_TTL`` seconds after its last write.
-Every status change goes through :func:`transition`, which checks the allowed
-transitions and writes atomically (one Lua script), optionally publishing the
-job's terminal event in the same step so status and event never disagree.
+A job is a Redis hash that expires ``JOB_TTL`` seconds after its last write; its
+fields are :class:`JobRecord`'s, and the Lua scripts that touch it are rendered
+from that definition (:func:`job_script`). Every status change is a move of
+:data:`TRANSITIONS`, checked and written atomically by one Lua script:
+:func:`transition` makes every move but the requeue (RUNNING -> QUEUED), optionally
+publishing the job's terminal event in the same step so status and event never
+disagree; :mod:`queueing.recovery` makes the requeue as it claims a job whose worker
+died, with the sources the same table allows.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import string
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import redis
 
-from queueing import keys
+from queueing import events, keys
 
 
 class JobStatus(enum.StrEnum):
@@ -34,10 +39,12 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
-#: Allowed ``from -> {to}`` moves; terminal statuses have none.
+#: Allowed ``from -> {to}`` moves; terminal statuses have none. RUNNING -> QUEUED is a
+#: requeue: the job's worker died and it runs again (``queueing.recovery``).
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED,
+                                  JobStatus.QUEUED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
@@ -121,6 +128,14 @@ class JobRecord:
     batch_id: str | None = None
     custom_id: str | None = None
     batch_line: int | None = None
+    # Per-key caps (queueing.key_limits): the slot set left when the job leaves QUEUED, and
+    # the one left when it ends.
+    queued_slot: str | None = None
+    held_slot: str | None = None
+    # Written by Lua only: the prompt's tokens as its worker admitted them
+    # (queueing.metering), and how many times the job was requeued (queueing.recovery).
+    admitted_prompt_tokens: int | None = None
+    attempts: int | None = None
 
     def to_hash(self) -> dict[str, str]:
         """Flatten for ``HSET``; ``None`` fields are left out."""
@@ -140,7 +155,7 @@ class JobRecord:
     def from_hash(cls, data: dict[str, str]) -> JobRecord:
         floats = ("created_at", "started_at", "finished_at")
         ints = ("prompt_tokens", "completion_tokens", "quota_limit", "reserved_tokens", "error_status",
-                "batch_line")
+                "batch_line", "admitted_prompt_tokens", "attempts")
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             if name == "request":
@@ -154,6 +169,17 @@ class JobRecord:
             elif name in cls.__dataclass_fields__:
                 kwargs[name] = value
         return cls(**kwargs)
+
+
+def job_script(template: str) -> str:
+    """Lua text with the job hash's layout filled in from :class:`JobRecord` and :class:`JobStatus`.
+
+    In ``template``, ``$name`` stands for the field ``name`` of the job hash and ``$STATUS``
+    for that status's value (``$QUEUED`` -> ``queued``). Render once, at import: a name
+    neither defines raises ``KeyError`` there rather than in Redis.
+    """
+    names = {f.name: f.name for f in fields(JobRecord)} | {s.name: s.value for s in JobStatus}
+    return string.Template(template).substitute(names)
 
 
 class TransitionRefused(Exception):
@@ -180,11 +206,25 @@ class QuotaUnseeded(Exception):
     """The day's quota counter is missing (new day, or Redis lost it): seed it from SQL."""
 
 
-# KEYS[1] job hash, KEYS[2] quota hash or '', KEYS[3] index zset or ''. ARGV: job ttl,
-# tokens to reserve, limit (-1 = none), quota ttl, seed for 'used' ('' = none), created_at,
-# job id, then the job's field/value pairs.
+class CapReached(Exception):
+    """Admitting the job would take its key past the cap of one of its slot sets."""
+
+    def __init__(self, slot: str, cap: int):
+        self.slot, self.cap = slot, cap
+        super().__init__(f"{slot}: {cap} held")
+
+
+# KEYS[1] job hash, KEYS[2] quota hash or '', KEYS[3] index zset or '', KEYS[4..3+n] the
+# key's slot sets the job joins (queueing.key_limits). ARGV: job ttl, tokens to reserve,
+# limit (-1 = none), quota ttl, seed for 'used' ('' = none), created_at, job id, n, the n
+# sets' caps, then the job's field/value pairs. A full slot set returns {-3, its index, cap}.
 _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-2, 0, 0} end
+local n, now = tonumber(ARGV[8]), tonumber(ARGV[6])
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[3 + i], '-inf', now)
+  if redis.call('ZCARD', KEYS[3 + i]) >= tonumber(ARGV[8 + i]) then return {-3, i, ARGV[8 + i]} end
+end
 local used, reserved = 0, 0
 if KEYS[2] ~= '' then
   if redis.call('EXISTS', KEYS[2]) == 0 then
@@ -198,10 +238,14 @@ if KEYS[2] ~= '' then
   reserved = redis.call('HINCRBY', KEYS[2], 'reserved', amount)
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 end
-for i = 8, #ARGV, 2 do
+for i = 9 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+for i = 1, n do
+  redis.call('ZADD', KEYS[3 + i], now + tonumber(ARGV[1]), ARGV[7])
+  redis.call('EXPIRE', KEYS[3 + i], tonumber(ARGV[1]))
+end
 if KEYS[3] ~= '' then
   local created = tonumber(ARGV[6])
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', created - tonumber(ARGV[1]))
@@ -216,9 +260,10 @@ return {1, used, reserved}
 # entry ('' = none), n_sources, sources..., field/value pairs.
 # Settling moves the job's reserved tokens to 'used' in its quota counter (if that
 # still exists) and appends the job's usage to the ledger stream: exactly once,
-# because only one terminal transition can ever apply.
-_TRANSITION_LUA = """
-local current = redis.call('HGET', KEYS[1], 'status')
+# because only one terminal transition can ever apply. Leaving QUEUED gives back the
+# job's queued slot, settling its held slot (queueing.key_limits).
+_TRANSITION_LUA = job_script("""
+local current = redis.call('HGET', KEYS[1], '$status')
 if not current then return {0, false} end
 local n = tonumber(ARGV[7])
 local ok = false
@@ -226,23 +271,29 @@ for i = 8, 7 + n do
   if ARGV[i] == current then ok = true end
 end
 if not ok then return {0, current} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
+redis.call('HSET', KEYS[1], '$status', ARGV[1])
 for i = 8 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[4], ARGV[5], ARGV[6]) end
+local slots = redis.call('HMGET', KEYS[1], '$queued_slot', '$held_slot')
+if current == '$QUEUED' and slots[1] then redis.call('ZREM', slots[1], ARGV[5]) end
+if ARGV[4] == '1' and slots[2] then redis.call('ZREM', slots[2], ARGV[5]) end
 if ARGV[4] == '1' then
   redis.call('HDEL', KEYS[4], ARGV[5])
-  local f = redis.call('HMGET', KEYS[1], 'key_id', 'quota_key', 'reserved_tokens', 'quota_day',
-                      'prompt_tokens', 'completion_tokens', 'request', 'id', 'batch_id')
+  local f = redis.call('HMGET', KEYS[1], '$key_id', '$quota_key', '$reserved_tokens', '$quota_day',
+                      '$prompt_tokens', '$completion_tokens', '$request', '$id', '$batch_id')
   if f[1] then
     local prompt, completion = tonumber(f[5] or '0'), tonumber(f[6] or '0')
     if f[2] and redis.call('EXISTS', f[2]) == 1 then
-      redis.call('HINCRBY', f[2], 'reserved', -tonumber(f[3] or '0'))
+      -- A counter re-seeded while this job ran never held its reservation: never below 0.
+      if redis.call('HINCRBY', f[2], 'reserved', -tonumber(f[3] or '0')) < 0 then
+        redis.call('HSET', f[2], 'reserved', 0)
+      end
       redis.call('HINCRBY', f[2], 'used', prompt + completion)
     end
-    redis.call('HSET', KEYS[1], 'reserved_tokens', 0)
+    redis.call('HSET', KEYS[1], '$reserved_tokens', 0)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000000, '*', 'job_id', f[8], 'key_id', f[1],
                'model', cjson.decode(f[7]).model, 'day', f[4] or '', 'prompt_tokens', prompt,
                'completion_tokens', completion, 'status', ARGV[1], 'batch_id', f[9] or '')
@@ -250,32 +301,36 @@ if ARGV[4] == '1' then
 end
 if KEYS[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[3]) end
 return {1, current}
-"""
+""")
 
 
 def create(client: redis.Redis, record: JobRecord, ttl: int, *, quota_ttl: int = 2 * 86400,
-           seed_used: int | None = None, index: str | None = None) -> int:
+           seed_used: int | None = None, index: str | None = None, caps: dict[str, int] | None = None) -> int:
     """Store a new job record; if it names a quota counter, reserve its tokens first.
 
-    ``index`` names a sorted set (by creation time) the job is listed in.
-    Atomic: either the reservation fits under ``record.quota_limit`` and the
-    job exists, or nothing changed. Returns the key's reserved total.
-    Raises :class:`QuotaExceeded`, :class:`JobExists` (nothing reserved), or
-    :class:`QuotaUnseeded` when the day's counter is missing and ``seed_used``
-    (the day's usage from SQL) was not given.
+    ``index`` names a sorted set (by creation time) the job is listed in; ``caps`` the
+    key's slot sets it joins, each with its cap (``queueing.key_limits.assign``).
+    Atomic: either every slot set has room, the reservation fits under
+    ``record.quota_limit`` and the job exists, or nothing changed. Returns the key's
+    reserved total. Raises :class:`CapReached`, :class:`QuotaExceeded`,
+    :class:`JobExists` (nothing reserved), or :class:`QuotaUnseeded` when the day's
+    counter is missing and ``seed_used`` (the day's usage from SQL) was not given.
     """
     pairs: list[str] = []
     for name, value in record.to_hash().items():
         pairs += [name, value]
     limit = -1 if record.quota_limit is None else record.quota_limit
+    slots = list(caps or {})
     script = client.register_script(_CREATE_LUA)
     status, used, reserved = script(
-        keys=[keys.job(record.id), record.quota_key or "", index or ""],
+        keys=[keys.job(record.id), record.quota_key or "", index or "", *slots],
         args=[ttl, record.reserved_tokens, limit, quota_ttl, "" if seed_used is None else seed_used,
-              record.created_at, record.id, *pairs],
+              record.created_at, record.id, len(slots), *(caps or {}).values(), *pairs],
     )
     if status == -2:
         raise JobExists(record.id)
+    if status == -3:
+        raise CapReached(slots[int(used) - 1], int(reserved))
     if status == -1:
         raise QuotaUnseeded(record.quota_key)
     if status == 0:
@@ -295,7 +350,7 @@ def transition(
     target: JobStatus,
     ttl: int,
     *,
-    publish: str | None = None,
+    publish: str | bytes | None = None,
     only_from: JobStatus | None = None,
     model: str | None = None,
     **fields: Any,
@@ -307,9 +362,11 @@ def transition(
     A move to RUNNING names the served ``model`` and sets ``worker``: the job is
     listed in the running index until it ends (see ``queueing.recovery``).
     Returns the previous status; raises :class:`TransitionRefused` when the
-    move is not allowed.
+    move is not allowed, and for every move to QUEUED: a requeue is
+    :mod:`queueing.recovery`'s.
     """
-    sources = allowed_sources(target)
+    # The requeue is recovery's own script: it also claims the orphan and counts the attempt.
+    sources = [] if target is JobStatus.QUEUED else allowed_sources(target)
     if only_from is not None:
         sources = [src for src in sources if src == only_from.value]
     pairs: list[str] = []
@@ -334,13 +391,16 @@ def transition(
     return JobStatus(current)
 
 
-def request_cancel(client: redis.Redis, job_id: str, ttl: int) -> JobStatus | None:
+def request_cancel(client: redis.Redis, job_id: str, ttl: int, *, announce: bool = False) -> JobStatus | None:
     """Cancel a job: a queued one never runs; a running one is aborted by its worker.
 
+    ``announce`` publishes a queued job's ``cancelled`` event in the same step, for a stream or
+    a waiting poll that listens (a running job's worker publishes it when it aborts).
     Returns the status the job had, or ``None`` if it does not exist.
     """
     try:
         return transition(client, job_id, JobStatus.CANCELLED, ttl, only_from=JobStatus.QUEUED,
+                          publish=events.encode(events.Cancelled()) if announce else None,
                           finished_at=time.time())
     except TransitionRefused as refused:
         if refused.current is JobStatus.RUNNING:

@@ -26,6 +26,10 @@ USAGE_STREAM = f"{PREFIX}:usage"
 #: Consumer group of the API processes that drain :data:`USAGE_STREAM`.
 USAGE_LEDGER_GROUP = "ledger"
 
+#: Stream of usage entries the ledger could not write (or whose hooks failed on them): each
+#: is set aside here with why, acknowledged, and no longer blocks the drain.
+USAGE_DEAD_LETTERS = f"{PREFIX}:usage:dead"
+
 #: Prefix of the rate-limit counters (kept by the ``limits`` library).
 RATE_LIMIT_PREFIX = f"{PREFIX}:limits"
 
@@ -65,6 +69,22 @@ def running_entry(model: str, worker_id: str) -> str:
     return f"{model}\t{worker_id}"
 
 
+def worker_info(model: str, worker_id: str) -> str:
+    """A worker's self-description (JSON, expiring with its heartbeat), for ``inferq status``."""
+    return f"{PREFIX}:worker-info:{running_entry(model, worker_id)}"
+
+
 def batch_dispatcher(batch_id: str) -> str:
     """Lease held (with a short expiry, renewed) by the API process dispatching a batch's lines."""
     return f"{PREFIX}:batch:{batch_id}:dispatcher"
+
+
+def key_slots(key_id: str, kind: str) -> str:
+    """Sorted set of what holds one of a key's ``kind`` slots (``queueing.key_limits``): job ids
+    or long-poll ids, each scored by the time its slot lapses if nothing releases it."""
+    return f"{PREFIX}:key:{key_id}:{kind}"
+
+
+def key_pending_bytes(key_id: str) -> str:
+    """Sorted set of a key's uploads being stored (``token:bytes``, scored by when the entry lapses)."""
+    return f"{PREFIX}:key:{key_id}:pending-bytes"

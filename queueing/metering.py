@@ -15,6 +15,7 @@ import datetime as dt
 import redis
 
 from queueing import keys
+from queueing.jobs import job_script
 
 
 def quota_day(now: dt.datetime | None = None) -> str:
@@ -31,16 +32,16 @@ def seconds_until_next_day(now: dt.datetime | None = None) -> int:
 
 # KEYS[1] job hash. ARGV[1] the exact worst case, ARGV[2] the prompt's tokens. Returns
 # {1, new reservation} or {0, used, reserved, limit} when the larger reservation does not fit.
-_ADJUST_LUA = """
-local f = redis.call('HMGET', KEYS[1], 'quota_key', 'reserved_tokens', 'quota_limit', 'status')
-if f[4] ~= 'running' then return {1, tonumber(f[2] or '0')} end
-redis.call('HSET', KEYS[1], 'admitted_prompt_tokens', ARGV[2])
+_ADJUST_LUA = job_script("""
+local f = redis.call('HMGET', KEYS[1], '$quota_key', '$reserved_tokens', '$quota_limit', '$status')
+if f[4] ~= '$RUNNING' then return {1, tonumber(f[2] or '0')} end
+redis.call('HSET', KEYS[1], '$admitted_prompt_tokens', ARGV[2])
 if not f[1] then return {1, tonumber(f[2] or '0')} end
 local held, needed = tonumber(f[2] or '0'), tonumber(ARGV[1])
 local delta = needed - held
 if delta == 0 then return {1, held} end
 if redis.call('EXISTS', f[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'reserved_tokens', needed)
+  redis.call('HSET', KEYS[1], '$reserved_tokens', needed)
   return {1, needed}
 end
 local limit = tonumber(f[3] or '-1')
@@ -50,9 +51,9 @@ if delta > 0 and limit >= 0 then
   if used + reserved + delta > limit then return {0, used, reserved, limit} end
 end
 redis.call('HINCRBY', f[1], 'reserved', delta)
-redis.call('HSET', KEYS[1], 'reserved_tokens', needed)
+redis.call('HSET', KEYS[1], '$reserved_tokens', needed)
 return {1, needed}
-"""
+""")
 
 
 def adjust_reservation(client: redis.Redis, job_id: str, needed: int, *, prompt_tokens: int = 0) -> bool:

@@ -36,22 +36,34 @@ MAX_ATTEMPTS = 3
 WORKER_LOST = events.Error("The worker running this request stopped; the request did not complete.",
                            status=503, error_type="service_unavailable", code="worker_lost")
 
-# KEYS[1] job hash, KEYS[2] running index. ARGV: job id, the dead worker's index entry, ttl,
-# most attempts. Returns 1 requeued, 0 not ours to touch (moved on or another reaper
-# claimed it), -1 gone (expired record: index entry dropped), -2 out of attempts.
-_REQUEUE_LUA = """
+# The requeue, RUNNING -> QUEUED in jobs.TRANSITIONS. KEYS[1] job hash, KEYS[2] running index.
+# ARGV: job id, the dead worker's index entry, ttl, most attempts, now, then the statuses a
+# job may be requeued from (jobs.allowed_sources). Returns 1 requeued, 0 not ours to touch
+# (moved on or another reaper claimed it), -1 gone (expired record: index entry dropped),
+# -2 out of attempts. Queued again, the job takes its key's queued slot again
+# (queueing.key_limits), past the cap if need be: it was admitted once.
+_REQUEUE_LUA = jobs.job_script("""
 if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
-local status = redis.call('HGET', KEYS[1], 'status')
+local status = redis.call('HGET', KEYS[1], '$status')
 if not status then redis.call('HDEL', KEYS[2], ARGV[1]) return -1 end
-if status ~= 'running' then return 0 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local allowed = false
+for i = 6, #ARGV do
+  if ARGV[i] == status then allowed = true end
+end
+if not allowed then return 0 end
+local attempts = tonumber(redis.call('HGET', KEYS[1], '$attempts') or '0')
 if attempts >= tonumber(ARGV[4]) then return -2 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', attempts + 1)
-redis.call('HDEL', KEYS[1], 'worker', 'started_at')
+redis.call('HSET', KEYS[1], '$status', '$QUEUED', '$attempts', attempts + 1)
+redis.call('HDEL', KEYS[1], '$worker', '$started_at')
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+local slot = redis.call('HGET', KEYS[1], '$queued_slot')
+if slot then
+  redis.call('ZADD', slot, tonumber(ARGV[5]) + tonumber(ARGV[3]), ARGV[1])
+  redis.call('EXPIRE', slot, tonumber(ARGV[3]))
+end
 return 1
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,8 @@ def reap(client: redis.Redis, celery: Celery, ttl: int) -> tuple[int, int]:
             continue
         outcome = client.register_script(_REQUEUE_LUA)(
             keys=[keys.job(orphan.job_id), keys.RUNNING_JOBS],
-            args=[orphan.job_id, orphan.entry, ttl, MAX_ATTEMPTS])
+            args=[orphan.job_id, orphan.entry, ttl, MAX_ATTEMPTS, time.time(),
+                  *jobs.allowed_sources(JobStatus.QUEUED)])
         if outcome == 1:
             log.warning("job %s: its worker %s died; running it again", orphan.job_id, orphan.entry)
             _enqueue_again(celery, orphan.job_id, record.request)

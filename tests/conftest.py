@@ -2,7 +2,8 @@
 
 Every test session starts its own ``redis-server`` on a free port (hermetic and
 parallel-safe). Workers are real processes running ``inferq worker``; the fast
-tests use the scripted engine (a named test double), the slow ones vLLM.
+tests use the scripted engine (a named test double), the slow ones vLLM. The processes
+are started by :mod:`inferq.launcher`, as ``inferq run`` and the benchmarks start theirs.
 """
 
 from __future__ import annotations
@@ -10,20 +11,18 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 
-from queueing import liveness
+from inferq import launcher
+from inferq.launcher import api_argv, http_ok, inferq_argv, started, worker_live
+from inferq.launcher import free_port as free_port  # tests import it from here
+from inferq.launcher import wait_for as wait_for  # tests import it from here
 
 pytest_plugins = ["tests.sql_fixtures"]
 
@@ -40,67 +39,33 @@ REAL_WORKER_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        try:
-            if predicate():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {timeout}s")
-
-
-class Process:
-    """A child process with its log file, stopped by SIGTERM then SIGKILL."""
+class Process(launcher.Process):
+    """A child process run from the repository root, in a session of its own, with its log file;
+    stopped by SIGTERM then SIGKILL to its whole group."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
+        super().__init__(argv, env, log_path, cwd=ROOT)
 
-    def stop(self, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A redis-server on a free port, stopped on exit; yields its URL."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run `make install` (it installs it)")
+    with launcher.redis_server(workdir) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A redis-server owned by this test session, on a free port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run `make install` (it installs it)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_for(lambda: redis.Redis.from_url(url).ping(), 10, "redis-server", proc)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    """A redis-server owned by this test session, on a free port.
+
+    A module whose stack has a database of its own and counts on batch lines or usage entries
+    settling into it overrides this fixture with its own ``redis_server``: the session's API
+    processes drain the shared usage stream into their own databases.
+    """
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -126,20 +91,13 @@ def base_env(redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
 
 def start_worker(redis_url: str, tmp: Path, model: str, timeout: float, **extra: str) -> Process:
     env = base_env(redis_url, tmp, **{"SERVED_MODEL_NAME": model, **extra})
-    worker = Process([sys.executable, "-m", "inferq.cli", "worker"], env, tmp / f"worker-{model}.log")
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        wait_for(lambda: liveness.live_models(client)[model] > 0, timeout, f"worker for {model}", worker.proc)
-    except Exception:
-        worker.stop()
-        print(worker.log_tail())
-        raise
-    return worker
+    worker = Process(inferq_argv("worker"), env, tmp / f"worker-{model}.log")
+    return started(worker, worker_live(redis_url, model), timeout, f"worker for {model}")
 
 
 def add_key(database_url: str, **limits: Any) -> tuple[str, str]:
     """Insert a key with limits into the app's database; returns (key, public id)."""
-    from api.auth import hash_key
+    from api.accounts.auth import hash_key
     from api.db import ApiKey, Database
     from config import Settings
 
@@ -155,16 +113,9 @@ def add_key(database_url: str, **limits: Any) -> tuple[str, str]:
 def start_api(redis_url: str, tmp: Path, **extra: str) -> tuple[Process, str]:
     port = free_port()
     env = base_env(redis_url, tmp, **extra)
-    api = Process([sys.executable, "-m", "inferq.cli", "api", "--host", "127.0.0.1", "--port", str(port),
-                   "--workers", "1"], env, tmp / f"api-{port}.log")
+    api = Process(api_argv(port), env, tmp / f"api-{port}.log")
     base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: httpx.get(f"{base}/health", timeout=1).is_success, 30, "API", api.proc)
-    except Exception:
-        api.stop()
-        print(api.log_tail())
-        raise
-    return api, base
+    return started(api, http_ok(f"{base}/health"), 30, "API"), base
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""API keys (api/auth.py), the app's hooks (api/__init__.py) and OpenAI-shaped errors (api/errors.py)."""
+"""API keys (api/accounts/auth.py), the app's hooks (api/__init__.py) and OpenAI-shaped errors
+(api/http/errors.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pytest
 from sqlalchemy import select
 
 from api import create_app
-from api.auth import KeyStore, Principal, display_prefix, hash_key
+from api.accounts.auth import KeyStore, Principal, display_prefix, hash_key
+from api.accounts.keys import new_public_id
 from api.db import ApiKey, Database
-from api.keys import new_public_id
 from config import Settings
 from queueing import jobs
 from tests.conftest import TEST_KEY, start_api

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from api.batches.status import BatchStatus
 from tests.test_batches import chat_line, new_key, undispatched_batch, upload, wait_for
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
@@ -57,6 +58,49 @@ def test_a_batch_whose_dispatcher_died_is_resumed_with_every_line_once(client, h
 
 
 
+def test_the_resumer_thread_the_app_starts_takes_over_an_orphaned_batch(app_config, monkeypatch):
+    """No hand call of resume_orphaned: the thread create_app starts (with the background ledger)
+    finds a batch its dispatcher never dispatched and runs it."""
+    import api.accounts.ledger
+    import api.batches.runner
+    from api import create_app
+
+    monkeypatch.setattr(api.batches.runner, "RESUME_EVERY", 0.3)  # read at each turn of the loop
+    stops: list = []  # the background threads' stop events, which create_app does not keep
+
+    def keeping_stop(real):
+        def start(self):
+            stops.append(real(self))
+            return stops[-1]
+        return start
+
+    for owner, name in ((api.accounts.ledger.Ledger, "start_background"),
+                        (api.batches.runner.BatchRunner, "start_resumer")):
+        monkeypatch.setattr(owner, name, keeping_stop(getattr(owner, name)))
+    app = create_app({**app_config, "ledger_drain": True})
+    assert len(stops) == 2
+    client = app.test_client()
+    headers = {"X-API-Key": new_key(app)}
+    runner = app.extensions["inferq"].batches
+    resumed = []
+    real_resume = runner.resume_orphaned
+    runner.resume_orphaned = lambda: resumed.append(real_resume()) or resumed[-1]
+    runner.start = lambda *args: None  # its dispatcher dies at once: nothing dispatched, no lease
+    try:
+        try:
+            batch_id = client.post("/v1/batches", headers=headers, json={
+                "input_file_id": upload(client, headers, [chat_line(f"o{i}", "x") for i in range(4)]),
+                "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json["id"]
+        finally:
+            del runner.start
+        done = wait_for(client, headers, batch_id, ("completed", "failed"))
+    finally:
+        for stop in stops:
+            stop.set()
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 4, done
+    assert 1 in resumed  # the thread resumed it (once: the lease keeps the next turns off)
+
+
 def test_a_finalizer_that_died_is_taken_over_and_its_file_rebuilt(client, headers, app, monkeypatch):
     services = app.extensions["inferq"]
     runner = services.batches
@@ -70,7 +114,7 @@ def test_a_finalizer_that_died_is_taken_over_and_its_file_rebuilt(client, header
         client.get("/v1/usage", headers=headers)
         time.sleep(0.1)
     monkeypatch.undo()
-    runner.store.update(batch_id, status="finalizing", finalizing_at=int(time.time()))
+    assert runner.store.transition(batch_id, BatchStatus.FINALIZING)
     # It also died between storing a line in SQL and appending it to the file.
     partial = runner.outputs.partial_path(batch_id, ok=True)
     partial.write_text("".join(line + "\n" for line in partial.read_text().splitlines()[:-1]))
@@ -82,7 +126,7 @@ def test_a_finalizer_that_died_is_taken_over_and_its_file_rebuilt(client, header
 
 
 def test_a_line_whose_job_record_expired_fails_and_the_batch_ends(client, headers, app, redis_client):
-    from api.batch_lines import line_job_id
+    from api.batches.lines import line_job_id
     from queueing import jobs, keys
 
     lines = [chat_line(f"x{i}", "hello") for i in range(3)]
@@ -139,7 +183,7 @@ def test_a_batch_cancelled_after_its_dispatcher_died_still_ends(client, headers,
 
 
 def test_a_batch_whose_key_is_revoked_stops_dispatching_and_is_cancelled(client, headers, app, monkeypatch):
-    import api.batch_runner
+    import api.batches.runner
 
     runner = app.extensions["inferq"].batches
     looked_up: list[str] = []
@@ -149,7 +193,7 @@ def test_a_batch_whose_key_is_revoked_stops_dispatching_and_is_cancelled(client,
         looked_up.append(key_id)
         return real_lookup(key_id) if len(looked_up) <= 2 else None  # revoked at the third look
 
-    monkeypatch.setattr(api.batch_runner, "CHECK_EVERY", 5)
+    monkeypatch.setattr(api.batches.runner, "CHECK_EVERY", 5)
     runner.principal_for = revoked_after_two_looks
     lines = [chat_line(f"r-{i}", "[[delay=0.05]] go", 4) for i in range(60)]
     batch = client.post("/v1/batches", headers=headers, json={
@@ -165,9 +209,9 @@ def test_a_batch_whose_key_is_revoked_stops_dispatching_and_is_cancelled(client,
 
 def test_renewing_a_lease_someone_else_took_over_fails_and_its_dispatcher_stops(
         client, headers, app, monkeypatch, redis_client):
-    import api.batch_runner
-    from api.batch_lease import BatchLease
-    from api.batch_lines import line_job_id
+    import api.batches.runner
+    from api.batches.lease import BatchLease
+    from api.batches.lines import line_job_id
     from queueing import jobs, keys
 
     services = app.extensions["inferq"]
@@ -184,7 +228,7 @@ def test_renewing_a_lease_someone_else_took_over_fails_and_its_dispatcher_stops(
     assert redis_client.get(key) == new and 0 < redis_client.ttl(key) <= 5  # untouched
     assert runner.lease.renew(batch_id, new) is True and redis_client.ttl(key) > 5
 
-    monkeypatch.setattr(api.batch_runner, "RENEW_EVERY", -1.0)  # it renews before its first line
+    monkeypatch.setattr(api.batches.runner, "RENEW_EVERY", -1.0)  # it renews before its first line
     principal = services.keys.principal_for(runner.store.get(batch_id).key_id)
     runner.dispatch(batch_id, old, principal, principal.may_use)
     assert redis_client.get(key) == new  # neither released nor overwritten
@@ -224,8 +268,8 @@ def test_redis_errors_leave_one_batch_for_the_resumer_and_answer_503(client, hea
 
 def test_winding_down_a_dead_dispatch_looks_up_only_lines_past_its_saved_count(client, headers, app,
                                                                               monkeypatch):
-    import api.batch_runner
-    from api.batch_lines import line_job_id
+    import api.batches.runner
+    from api.batches.lines import line_job_id
 
     runner = app.extensions["inferq"].batches
     lines = [chat_line(f"s{i}", "x") for i in range(9)]
@@ -237,8 +281,8 @@ def test_winding_down_a_dead_dispatch_looks_up_only_lines_past_its_saved_count(c
         looked_up.append(job_id)
         return object() if job_id == line_job_id(batch_id, 5) else None  # the dead dispatcher sent 4, 5
 
-    monkeypatch.setattr(api.batch_runner.jobs, "get", get)
-    monkeypatch.setattr(api.batch_runner, "SAVE_EVERY", 4)
+    monkeypatch.setattr(api.batches.runner.jobs, "get", get)
+    monkeypatch.setattr(api.batches.runner, "SAVE_EVERY", 4)
     assert runner._last_dispatched(runner.store.get(batch_id)) == 5
     assert looked_up == [line_job_id(batch_id, seq) for seq in (4, 5, 6, 7)]
 
@@ -246,7 +290,7 @@ def test_winding_down_a_dead_dispatch_looks_up_only_lines_past_its_saved_count(c
 def test_recording_lines_updates_each_batch_row_once(database):
     from sqlalchemy import event
 
-    from api.batch_store import BatchStore, LineResult
+    from api.batches.store import BatchStore, LineResult
     from api.db import Batch
 
     store = BatchStore(database)
@@ -276,17 +320,17 @@ def test_batch_file_locks_are_waited_for_without_blocking_and_time_out(app, monk
     import os
     import threading
 
-    import api.batch_outputs
+    import api.batches.outputs
 
     outputs = app.extensions["inferq"].batches.outputs
     outputs.prepare("batch_locks")
     path = outputs.partial_path("batch_locks", ok=True)
     sealer = os.open(path, os.O_RDWR)  # a seal of this process holds the file (another descriptor)
     fcntl.flock(sealer, fcntl.LOCK_EX)
-    monkeypatch.setattr(api.batch_outputs, "LOCK_TIMEOUT", 0.2)
-    with pytest.raises(api.batch_outputs.LockTimeout, match="stayed locked"):
+    monkeypatch.setattr(api.batches.outputs, "LOCK_TIMEOUT", 0.2)
+    with pytest.raises(api.batches.outputs.LockTimeout, match="stayed locked"):
         outputs.append("batch_locks", True, ['{"late":1}'])
-    monkeypatch.setattr(api.batch_outputs, "LOCK_TIMEOUT", 30.0)
+    monkeypatch.setattr(api.batches.outputs, "LOCK_TIMEOUT", 30.0)
     threading.Timer(0.3, os.close, args=(sealer,)).start()  # the seal ends
     assert outputs.append("batch_locks", True, ['{"a":1}']) is True
     assert path.read_text() == '{"a":1}\n'

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from api.keys import create_key
+from api.accounts.keys import create_key
 from tests.conftest import SCRIPTED_MODEL, TEST_KEY, start_api
 
 pytestmark = pytest.mark.usefixtures("scripted_worker")
@@ -97,11 +97,11 @@ def test_batch_runs_every_line_once(client, headers):
 
 
 def test_cancelled_batch_keeps_finished_lines(client, headers, monkeypatch):
-    import api.batch_runner
+    import api.batches.runner
 
     # Past REDIS_CHUNK dispatched lines, a cancel winds them down on a background thread,
     # reading job records a chunk per round trip.
-    monkeypatch.setattr(api.batch_runner, "REDIS_CHUNK", 7)
+    monkeypatch.setattr(api.batches.runner, "REDIS_CHUNK", 7)
     lines = [chat_line(f"c-{i}", "[[delay=0.2]] go", 10) for i in range(40)]
     batch_id = client.post("/v1/batches", headers=headers, json={
         "input_file_id": upload(client, headers, lines), "endpoint": "/v1/chat/completions",

@@ -44,7 +44,7 @@ def stack(redis_url: str, scripted_worker: Process, tmp_path_factory: pytest.Tem
     tmp = tmp_path_factory.mktemp("browser")
     api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL)
     port = free_port()
-    argv = [sys.executable, "-m", "inferq.cli", "flower", "--port", str(port), "--address=127.0.0.1"]
+    argv = [sys.executable, "-m", "inferq.cli", "flower", "--port", str(port)]
     flower = Process(argv, base_env(redis_url, tmp), tmp / "flower.log")
     flower_url = f"http://127.0.0.1:{port}"
     try:

@@ -6,6 +6,11 @@ github.com/compose-spec/compose-spec as shipped in the npm package ``dclint`` 3.
 ``schemas/compose.schema.json``). Prometheus files are checked by ``promtool``
 (Debian ``prometheus`` package, installed by ``make install``). Every metric name
 the dashboard and the alerts use must be one the services export (``CONTRACT``).
+
+The helpers the compose tests share live in ``tests/compose_files.py``: ``compose()``,
+``deployed()`` (the file as ``docker compose config`` would see it, with ``FAKE_SECRETS``),
+``environment()``, ``load_yaml()`` and the paths of ``compose/``. The security of the deployment is tested in
+``tests/test_compose_security.py``, logs and traces in ``tests/test_compose_logs.py``.
 """
 
 from __future__ import annotations
@@ -24,17 +29,24 @@ import pytest
 import yaml
 
 from inferq.cli import main as inferq_main
+from tests.compose_files import (
+    ALERTS_TEST_YML,
+    ALERTS_YML,
+    COMPOSE,
+    COMPOSE_FILE,
+    DASHBOARD_JSON,
+    DASHBOARD_PROVIDER_YML,
+    DATASOURCE_YML,
+    DOCKERFILES,
+    FAKE_SECRETS,
+    PROMETHEUS_YML,
+    ROOT,
+    compose,
+    compose_interpolate,
+    deployed,
+    load_yaml,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPOSE = ROOT / "compose"
-COMPOSE_FILE = COMPOSE / "compose.yaml"
-PROMETHEUS_YML = COMPOSE / "prometheus" / "prometheus.yml"
-ALERTS_YML = COMPOSE / "prometheus" / "alerts.yml"
-ALERTS_TEST_YML = COMPOSE / "prometheus" / "alerts_test.yml"
-DATASOURCE_YML = COMPOSE / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
-DASHBOARD_PROVIDER_YML = COMPOSE / "grafana" / "provisioning" / "dashboards" / "inferq.yml"
-DASHBOARD_JSON = COMPOSE / "grafana" / "dashboards" / "inferq.json"
-DOCKERFILES = (COMPOSE / "Dockerfile.api", COMPOSE / "Dockerfile.worker")
 SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
 
 # Histograms by base name: PromQL uses <name>_bucket, _count and _sum.
@@ -51,6 +63,7 @@ CONTRACT = frozenset({
     # API (/metrics on :8020)
     "flask_http_request_total",
     "inferq_tokens_total", "inferq_auth_failures_total", "inferq_rejections_total",
+    "inferq_ledger_dead_letters_total",
     "inferq_queue_depth", "inferq_live_workers",
     # worker (:9200): vLLM's and inferq's
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -79,9 +92,10 @@ MUST_BE_USED = frozenset(
 ALERTS = frozenset({
     "KVCacheHigh", "KVCacheCritical", "QueueDepthHigh", "NoLiveWorker", "P99LatencyHigh", "P99TTFTHigh",
     "ErrorRatioHigh", "GPUMemoryLow", "GPUTemperatureHigh", "GPUECCErrors", "WorkerDown", "TargetDown",
+    "LedgerDeadLetters",
 })
 SERVICES = frozenset({"redis", "postgres", "api", "worker", "flower", "gpu-monitor", "redis-exporter",
-                      "prometheus", "grafana"})
+                      "prometheus", "grafana", "loki", "alloy", "jaeger"})
 # Grafana's variables, replaced by a value Prometheus accepts when an expression is evaluated.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 
@@ -92,10 +106,6 @@ PROMQL_KEYWORDS = frozenset({
 
 
 # --- helpers shared with tests/test_prometheus_live.py -----------------------------------
-
-def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
-
 
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(panel title, PromQL expression) of every dashboard target."""
@@ -275,10 +285,6 @@ def test_dashboard_provider_points_at_the_mounted_dashboards() -> None:
 
 # --- Compose ----------------------------------------------------------------------------
 
-def compose() -> dict[str, Any]:
-    return load_yaml(COMPOSE_FILE)
-
-
 def test_compose_file_follows_the_compose_specification() -> None:
     schema = json.loads(SCHEMA.read_text())
     assert schema["$schema"].startswith("https://json-schema.org/draft-07/")
@@ -310,12 +316,16 @@ def test_compose_environment_names_are_settings() -> None:
     from config.settings import Settings
 
     known = {name.upper() for name in Settings.model_fields}
+    otel = set(compose()["x-otel-env"])  # OpenTelemetry's own variables (config/tracing.py)
+    assert otel and all(name.startswith("OTEL_") for name in otel)
     env = compose()["x-inferq-env"]
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
-    assert interpolate(env["DATABASE_URL"]).startswith("postgresql+psycopg://inferq:inferq@postgres:5432/")
+    deployed_env = deployed()["x-inferq-env"]
+    assert deployed_env["REDIS_URL"] == f"redis://:{FAKE_SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+    assert deployed_env["DATABASE_URL"] == (
+        f"postgresql+psycopg://inferq_app:{FAKE_SECRETS['INFERQ_DB_PASSWORD']}@postgres:5432/inferq")
     assert set(env) <= known, f"not inferq settings: {sorted(set(env) - known)}"
     for name in ("worker", "worker-tp"):
-        assert set(compose()["services"][name]["environment"]) <= known
+        assert set(compose()["services"][name]["environment"]) - otel <= known
 
 
 def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
@@ -427,3 +437,9 @@ def test_prometheus_scrapes_the_compose_services() -> None:
             assert host in services and target_port == port, (job, target)
     mounts = services["prometheus"]["volumes"]
     assert "./prometheus:/etc/prometheus:ro" in mounts
+
+
+def test_compose_interpolation_helper() -> None:
+    missing: dict[str, str] = {}
+    value = compose_interpolate("a${X:-d}${Y-e}${Z:?set Z}$${W}", {"Y": ""}, missing)
+    assert value == "ad${W}" and missing == {"Z": "set Z"}

@@ -42,6 +42,29 @@ def test_a_killed_parents_children_are_reaped() -> None:
                 process.kill()
 
 
+def test_an_idle_reaper_looks_rarely_yet_reaps_at_once() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT])
+    reaper = engine_reaper.start(parent.pid, interval=0.05, grace=1.0, max_interval=60)
+    try:
+        wait_for(lambda: len(psutil.Process(parent.pid).children()) == 1, 10, "the child")
+        child = psutil.Process(parent.pid).children()[0]
+        time.sleep(1.0)  # the children stopped changing: the reaper's looks grow far apart
+        watcher = psutil.Process(reaper.pid)
+        before = sum(watcher.cpu_times()[:2])
+        time.sleep(4.0)
+        spent = sum(watcher.cpu_times()[:2]) - before
+        # Looking every 0.05 s all along would cost about 0.3 s of CPU here.
+        assert spent < 0.05, f"an idle reaper spent {spent * 1000:.0f} ms of CPU in 4 s"
+        parent.send_signal(signal.SIGKILL)  # now, while its next look is up to a minute away
+        parent.wait()
+        wait_for(lambda: _gone([child]), 5, "the orphaned child to be reaped at once")
+        assert reaper.wait(5) == 0
+    finally:
+        for process in (parent, reaper):
+            if process.poll() is None:
+                process.kill()
+
+
 @pytest.mark.slow
 def test_a_sigkilled_workers_engine_ends_and_a_new_worker_serves(redis_url, tmp_path) -> None:
     if not (REAL_MODEL_DIR / "config.json").exists():

@@ -66,20 +66,19 @@ def test_sigterm_lets_a_worker_finish_its_running_streams(redis_url, app_config,
 
 
 def test_redis_restart_gives_fast_503s_then_recovers(app_config, auth, tmp_path):
-    import shutil
     import subprocess
 
     import redis as redis_lib
 
     from api import create_app
+    from inferq.launcher import redis_server_argv
     from tests.conftest import free_port, wait_for
 
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
 
     def start_redis() -> subprocess.Popen:
-        proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--save", "",
-                                 "--appendonly", "no", "--dir", str(tmp_path)],
+        proc = subprocess.Popen(redis_server_argv(port, tmp_path),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: redis_lib.Redis.from_url(url).ping(), 10, "redis-server", proc)
         return proc
@@ -127,11 +126,14 @@ def _worker(redis_url, tmp_path, name: str, model: str, **extra: str):
     return start_worker(redis_url, tmp_path / name, model, 60, ENGINE="scripted", **extra)
 
 
-def test_a_killed_workers_jobs_run_again_on_another_worker(redis_url, app_config, auth, redis_client,
-                                                           tmp_path):
+def test_a_killed_workers_jobs_run_again_on_another_worker(redis_url, app_config, redis_client, tmp_path):
+    """...and each is charged once, for the run whose usage it returns (a key with a daily quota)."""
     from api import create_app
+    from tests.conftest import add_key
 
     model = "relay-model"
+    key, _ = add_key(app_config["database_url"], daily_tokens=100_000)
+    auth = {"Authorization": f"Bearer {key}"}
     first = _worker(redis_url, tmp_path, "a", model)
     second = None
     client = create_app({**app_config, "served_model_name": model}).test_client()
@@ -159,6 +161,17 @@ def test_a_killed_workers_jobs_run_again_on_another_worker(redis_url, app_config
     assert not set(ids) & set(redis_client.hkeys(keys.RUNNING_JOBS))
     # Each ran twice: requeued once by a live worker's reaper (any worker on this Redis may reap).
     assert [redis_client.hget(keys.job(j), "attempts") for j in ids] == ["1"] * 4
+    # Charged once each: the ledger and the quota counter hold exactly the usage the jobs returned.
+    returned = [(d["usage"]["prompt_tokens"], d["usage"]["completion_tokens"]) for d in done]
+    assert all(prompt > 0 for prompt, _ in returned)
+    today = client.get("/v1/usage", headers=auth).json["today"]
+    assert (today["requests"], today["prompt_tokens"], today["completion_tokens"]) == (
+        4, sum(p for p, _ in returned), 4 * 30)
+    quota_keys = {redis_client.hget(keys.job(j), "quota_key") for j in ids}
+    assert len(quota_keys) == 1 and None not in quota_keys
+    counter = redis_client.hgetall(quota_keys.pop())
+    assert int(counter["used"]) == sum(p + c for p, c in returned)
+    assert int(counter.get("reserved", 0)) == 0  # no reservation left behind by the first runs
 
 
 def test_a_batch_survives_a_killed_worker_with_every_line_once(redis_url, app_config, auth, redis_client,
@@ -193,6 +206,59 @@ def test_a_batch_survives_a_killed_worker_with_every_line_once(redis_url, app_co
     assert sorted(custom_ids) == sorted(f"line-{i}" for i in range(12))  # each exactly once
     requeued = [redis_client.hget(keys.job(f"{batch['id']}-{seq}"), "attempts") for seq in range(1, 13)]
     assert "1" in requeued  # the kill did orphan running lines, and they ran again
+
+
+def test_sigterm_with_batch_lines_in_flight_finishes_them_and_leaves_the_rest_queued(
+        redis_url, app_config, auth, redis_client, tmp_path):
+    """The worker's BatchConsumer stops taking lines, lets the running ones finish and acknowledges
+    them; the lines it never took stay on the queue for the next worker. None lost, none run twice."""
+    from api import create_app
+    from api.batches.lines import line_job_id
+    from tests.test_batches import upload
+    from tests.test_batches import wait_for as wait_for_batch
+
+    model = "draining-batch-model"
+    first = _worker(redis_url, tmp_path, "a", model, MAX_NUM_SEQS="4")  # 2 batch slots (BATCH_SHARE 0.5)
+    second = None
+    client = create_app({**app_config, "served_model_name": model}).test_client()
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": model, "max_tokens": 10,
+                       "messages": [{"role": "user", "content": f"[[delay=0.1]] {i}"}]}} for i in range(6)]
+    try:
+        batch = client.post("/v1/batches", headers=auth, json={
+            "input_file_id": upload(client, auth, lines), "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}).json
+        ids = [line_job_id(batch["id"], seq) for seq in range(1, 7)]
+
+        def records() -> list[jobs.JobRecord | None]:
+            return [jobs.get(redis_client, j) for j in ids]
+
+        wait_for(lambda: sum(r is not None and r.status is JobStatus.RUNNING for r in records()) == 2,
+                 20, "two lines running")
+        in_flight = [j for j, r in zip(ids, records(), strict=True) if r and r.status is JobStatus.RUNNING]
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(30) == 0
+        after = dict(zip(ids, records(), strict=True))
+        assert all(r is not None for r in after.values()), after  # every line was dispatched
+        statuses = {j: r.status for j, r in after.items() if r is not None}
+        assert all(statuses[j] is JobStatus.SUCCEEDED for j in in_flight), statuses  # finished, not dropped
+        # None left running: each either finished here or was never taken.
+        assert set(statuses.values()) <= {JobStatus.SUCCEEDED, JobStatus.QUEUED}, statuses
+        queued = sum(status is JobStatus.QUEUED for status in statuses.values())
+        # One message per line not run yet, none for a finished line (acknowledged before the channel closed).
+        assert redis_client.llen(keys.batch_queue(model)) == queued, statuses
+        second = _worker(redis_url, tmp_path, "b", model, MAX_NUM_SEQS="4")
+        done = wait_for_batch(client, auth, batch["id"], ("completed", "failed"), timeout=60)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert done["request_counts"] == {"total": 6, "completed": 6, "failed": 0}, done
+    output = client.get(f"/v1/files/{done['output_file_id']}/content", headers=auth).get_data(as_text=True)
+    custom_ids = sorted(json.loads(line)["custom_id"] for line in output.splitlines())
+    assert custom_ids == [f"line-{i}" for i in range(6)]  # each exactly once
+    assert [redis_client.hget(keys.job(j), "attempts") for j in ids] == [None] * 6  # no reaper rerun
+    assert "not started" not in second.log_path.read_text()  # no finished line delivered again
 
 
 def test_sigterm_to_the_api_drains_its_open_streams(redis_url, scripted_worker, tmp_path):

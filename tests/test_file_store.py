@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 
 from api.db import Database, StoredFile
-from api.files import CHUNK_BYTES, FilePage, FileStore
+from api.files.store import CHUNK_BYTES, FilePage, FileStore
 from api.protocol import ErrorResponse
 from config import Settings
 from tests.test_files import jsonl, request_line

@@ -55,8 +55,10 @@ def next_message(pubsub: Any, timeout: float) -> dict[str, Any] | None:
 
 
 @pytest.mark.parametrize("event", [
-    events.Delta("héllo\n"),
-    events.Delta('data: {"choices":[{"index":0,"delta":{"content":"é"}}]}\n\n', tokens=2),
+    events.Delta("héllo\n".encode()),
+    events.Delta(b""),
+    events.Delta(b"d3 data: x", tokens=12),
+    events.Delta('data: {"choices":[{"index":0,"delta":{"content":"é"}}]}\n\n'.encode(), tokens=2),
     events.Done(events.Usage(5, 8)),
     events.Done(events.Usage(5, 8), body='{"id": "chatcmpl-1", "choices": []}'),
     events.Error("bad prompt", status=400, error_type="invalid_request_error", code="too_long",
@@ -68,6 +70,12 @@ def test_event_round_trip(event: events.TokenEvent) -> None:
     assert decoded == event
     assert type(decoded) is type(event)
     assert events.is_terminal(decoded) is not isinstance(event, events.Delta)
+
+
+@pytest.mark.parametrize("raw", [b"d", b"dx y", b"d-", b"{", b"[]", b'{"type":"nope"}', b""])
+def test_a_malformed_event_is_refused(raw: bytes) -> None:
+    with pytest.raises(events.EventDecodeError):
+        events.decode(raw)
 
 
 def test_decoded_usage_total() -> None:
@@ -137,14 +145,6 @@ def test_queued_to_running_sets_fields(redis_client: redis.Redis) -> None:
     assert (record.status, record.worker, record.started_at) == (JobStatus.RUNNING, "w1", 12.5)
 
 
-def test_running_to_queued_refused(redis_client: redis.Redis) -> None:
-    job_id = make_job(redis_client, JobStatus.RUNNING)
-    with pytest.raises(TransitionRefused) as exc:
-        jobs.transition(redis_client, job_id, JobStatus.QUEUED, TTL)
-    assert exc.value.current is JobStatus.RUNNING
-    assert jobs.get(redis_client, job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
-
-
 @pytest.mark.parametrize("terminal", sorted(jobs.TERMINAL_STATUSES))
 def test_terminal_states_refuse_everything(redis_client: redis.Redis, terminal: JobStatus) -> None:
     job_id = make_job(redis_client, terminal)
@@ -200,6 +200,40 @@ def test_transitions_table() -> None:
         assert not status.is_terminal and jobs.TRANSITIONS[status]
     assert JobStatus.QUEUED.value not in jobs.allowed_sources(JobStatus.QUEUED)
     assert jobs.allowed_sources(JobStatus.RUNNING) == ["queued"]
+    assert jobs.allowed_sources(JobStatus.QUEUED) == ["running"]  # a requeue (queueing.recovery)
+
+
+def test_transition_leaves_the_requeue_to_recovery(redis_client: redis.Redis) -> None:
+    """RUNNING -> QUEUED is legal, but only queueing.recovery's script makes it."""
+    assert JobStatus.QUEUED in jobs.TRANSITIONS[JobStatus.RUNNING]
+    job_id = make_job(redis_client, JobStatus.RUNNING)
+    with pytest.raises(TransitionRefused) as exc:
+        jobs.transition(redis_client, job_id, JobStatus.QUEUED, TTL)
+    assert exc.value.current is JobStatus.RUNNING
+    assert jobs.get(redis_client, job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_job_scripts_take_the_hash_layout_from_the_record() -> None:
+    assert jobs.job_script("redis.call('HGET', KEYS[1], '$quota_key') == '$RUNNING'") == (
+        "redis.call('HGET', KEYS[1], 'quota_key') == 'running'")
+    with pytest.raises(KeyError, match="no_such_field"):
+        jobs.job_script("redis.call('HGET', KEYS[1], '$no_such_field')")
+
+
+def test_no_lua_script_spells_a_job_field() -> None:
+    """Every field a script reads or writes on the job hash (KEYS[1]) is a ``$name`` of ``JobRecord``."""
+    import inspect
+    import re
+
+    from queueing import metering, recovery
+
+    calls = 0
+    for module in (jobs, metering, recovery):
+        for args in re.findall(r"redis\.call\('H[A-Z]+', KEYS\[1\],([^)]*)\)", inspect.getsource(module)):
+            calls += 1
+            literals = re.findall(r"'([^']*)'", args)
+            assert all(literal.startswith("$") for literal in literals), (module.__name__, args)
+    assert calls >= 10
 
 
 # --- cancellation -----------------------------------------------------------

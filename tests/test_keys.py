@@ -1,4 +1,4 @@
-"""API-key management (api/keys.py) through ``inferq keys`` and ``inferq db``, and the keys
+"""API-key management (api/accounts/keys.py) through ``inferq keys`` and ``inferq db``, and the keys
 it makes through ``KeyStore.verify``; every SQL test runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 
-from api import keys as keystore
 from api import migrate
-from api.auth import KeyStore, hash_key
+from api.accounts import keys as keystore
+from api.accounts.auth import KeyStore, hash_key
 from api.db import ApiKey, Database
 from config import get_settings
 from inferq.cli import main

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from api.job_request import worst_case_tokens
+from api.generation.job_request import worst_case_tokens
 from queueing import keys, metering
 from queueing.jobs import CHAT, JobRequest
 from tests.conftest import SCRIPTED_MODEL, add_key

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import api.gateway
+import api.generation.gateway
 from queueing import jobs, keys
 from queueing.jobs import JobRecord, JobRequest, JobStatus
 from tests.conftest import SCRIPTED_MODEL
@@ -83,7 +83,7 @@ def test_tokens_published_inside_the_enqueue_call_all_arrive(client, auth, redis
         ran.append(job_id)
         runner.run(job_id, JobRequest.from_dict(params))
 
-    monkeypatch.setattr(api.gateway, "enqueue_generation", run_inline)
+    monkeypatch.setattr(api.generation.gateway, "enqueue_generation", run_inline)
     body = client.post("/v1/chat/completions", headers=auth,
                        json=chat("go", max_tokens=50, stream=True)).get_data(as_text=True)
     assert len(ran) == 1

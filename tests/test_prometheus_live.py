@@ -30,15 +30,9 @@ import httpx
 import pytest
 import yaml
 
+from tests.compose_files import ALERTS_YML, PROMETHEUS_YML
 from tests.conftest import REAL_MODEL, TEST_KEY, Process, base_env, free_port, start_api, wait_for
-from tests.test_compose import (
-    ALERTS_YML,
-    PROMETHEUS_YML,
-    alert_rules,
-    dashboard_exprs,
-    metric_names,
-    substitute_grafana_variables,
-)
+from tests.test_compose import alert_rules, dashboard_exprs, metric_names, substitute_grafana_variables
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +111,7 @@ def live(real_stack: dict[str, str], redis_url: str, tmp_path_factory: pytest.Te
         procs.append(api)
         flower_port, gpu_port, prom_port = free_port(), free_port(), free_port()
         procs.append(start_http_process(
-            [sys.executable, "-m", "inferq.cli", "flower", "--port", str(flower_port), "--address=127.0.0.1"],
+            [sys.executable, "-m", "inferq.cli", "flower", "--port", str(flower_port)],
             env, tmp / "flower.log", f"http://127.0.0.1:{flower_port}/healthcheck", "Flower"))
         procs.append(start_http_process(
             [sys.executable, "-m", "inferq.cli", "gpu-monitor", "--port", str(gpu_port), "--interval", "1"],
@@ -242,7 +236,7 @@ def test_alert_rules_evaluate_without_errors_and_stay_quiet(live: dict[str, Any]
     for name in ("NoLiveWorker", "WorkerDown", "TargetDown", "RedisDown", "ErrorRatioHigh", "QueueDepthHigh",
                  "KVCacheHigh", "KVCacheCritical"):
         assert states[name] == "inactive", (name, states[name])
-    # The dashboard groups API requests by their `path` label (api/metrics.py fills it with
+    # The dashboard groups API requests by their `path` label (api/http/metrics.py fills it with
     # the matched Flask route, so job ids do not multiply the series).
     routes = query(prom, "count by (path) (flask_http_request_duration_seconds_count)")
     assert routes and all(series["metric"].get("path") for series in routes), routes

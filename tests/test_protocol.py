@@ -1,6 +1,7 @@
-"""Admission of a request (api/job_request.py over the minimal models of api/protocol.py): what the API
-reads of a body, the 400s it gives before anything is queued, the body it forwards, and the worst case
-it reserves. Everything else in a body is vLLM's to read (covered by the slow differential test)."""
+"""Admission of a request (api/generation/job_request.py over the minimal models of
+api/protocol.py): what the API reads of a body, the 400s it gives before anything is queued,
+the body it forwards, and the worst case it reserves. Everything else in a body is vLLM's to
+read (covered by the slow differential test)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from typing import Any
 
 import pytest
 
-from api import sse
-from api.job_request import TEMPLATE_TOKENS, parse_job_request, prompt_token_bound, worst_case_tokens
+from api.generation.job_request import (
+    TEMPLATE_TOKENS,
+    parse_job_request,
+    prompt_token_bound,
+    worst_case_tokens,
+)
+from api.http import sse
 from api.protocol import REQUEST_MODELS, ErrorResponse
 from queueing.jobs import CHAT, COMPLETIONS, DETOKENIZE, ENDPOINTS, RESPONSES, TOKENIZE, JobRequest
 
@@ -237,9 +243,9 @@ def test_job_body_errors_name_their_place_in_the_job(client: Any, auth: dict[str
 
 
 def test_an_in_stream_error_is_one_data_frame() -> None:
-    from api import errors
+    from api.http import errors
 
     frame = sse.data(errors.error(500, "boom", "server_error", "engine_error"))
-    assert frame.startswith("data: ") and frame.endswith("\n\n") and frame.count("\n\n") == 1
-    assert json.loads(frame[len("data: "):]) == {
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n") and frame.count(b"\n\n") == 1
+    assert json.loads(frame[len(b"data: "):]) == {
         "error": {"message": "boom", "type": "server_error", "param": None, "code": "engine_error"}}

@@ -102,6 +102,81 @@ def test_eight_streams_share_the_engine(sdk, stack):
     assert peak[0] >= 8, f"peak vllm:num_requests_running was {peak[0]}; first/last chunk times {spans}"
 
 
+@pytest.mark.timeout(900)  # its batch may take up to 600 s beside the session's other engine
+def test_a_chat_request_overtakes_batch_lines_waiting_in_the_engine(redis_url, app_config, redis_client,
+                                                                    tmp_path):
+    """Batch lines run at a lower vLLM priority (``--scheduling-policy priority``): a chat request
+    that arrives after a batch line already waits inside the full engine runs first.
+
+    Its own worker: two engine slots (MAX_NUM_SEQS=2), both allowed to batch work (BATCH_SHARE=1).
+    A long chat stream holds one slot, a batch line the other, the second line waits in vLLM's
+    queue, the rest of the batch in Redis. A short chat sent then gets the first slot that frees:
+    under first-come-first-served it would wait for a line to finish (vLLM does not preempt
+    for priority when only the sequence count is full).
+    """
+    import threading
+
+    from api import create_app
+    from api.batches.lines import line_job_id
+    from queueing import jobs
+    from queueing.jobs import JobStatus
+    from tests.conftest import REAL_WORKER_ENV, start_worker, wait_for
+    from tests.test_batches import upload
+    from tests.test_batches import wait_for as wait_for_batch
+
+    model = "SmolLM2-priority"
+    env = {k: v for k, v in REAL_WORKER_ENV.items() if k != "SERVED_MODEL_NAME"}
+    env.update(MAX_NUM_SEQS="2", BATCH_SHARE="1.0")
+    worker = start_worker(redis_url, tmp_path, model, 600, **env)
+    app = create_app({**app_config, "served_model_name": model, "queue_timeout": 120.0, "idle_timeout": 60.0})
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {TEST_KEY}"}
+
+    def chat(max_tokens: int, started: threading.Event | None = None) -> float:
+        resp = app.test_client().post("/v1/chat/completions", headers=auth, buffered=False, json={
+            "model": model, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]})
+        assert resp.status_code == 200
+        body = b""
+        for piece in resp.response:
+            body += piece
+            if started is not None and b'"content":"' in body:
+                started.set()
+        assert body.endswith(b"data: [DONE]\n\n"), body[-300:]
+        return time.time()
+
+    try:
+        long_started, long_ended = threading.Event(), []
+        holder = threading.Thread(target=lambda: long_ended.append(chat(100, long_started)))
+        holder.start()
+        assert long_started.wait(60)
+        lines = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": model, "max_tokens": 300, "ignore_eos": True, "temperature": 0,
+                           "messages": [{"role": "user", "content": f"Count from {i}."}]}} for i in range(3)]
+        batch = client.post("/v1/batches", headers=auth, json={
+            "input_file_id": upload(client, auth, lines), "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}).json
+        ids = [line_job_id(batch["id"], seq) for seq in (1, 2, 3)]
+
+        def running_lines() -> list[str]:
+            return [j for j in ids if (r := jobs.get(redis_client, j)) and r.status is JobStatus.RUNNING]
+
+        wait_for(lambda: len(running_lines()) == 2, 60, "two batch lines in the engine")
+        in_engine = running_lines()  # one generating, one waiting in vLLM's queue
+        assert holder.is_alive(), "the long chat ended before the short one was sent: inconclusive"
+        short_ended = chat(4)
+        holder.join(120)
+        # generous: 900 tokens of batch lines on a CPU shared with the session's other engine
+        done = wait_for_batch(client, auth, batch["id"], ("completed", "failed"), timeout=600)
+    finally:
+        worker.stop(60)
+    assert done["status"] == "completed", done
+    finished = {j: jobs.get(redis_client, j).finished_at for j in ids}
+    # The short chat finished while both lines it found in the engine were still unfinished.
+    assert all(finished[j] > short_ended for j in in_engine), (short_ended, finished, long_ended)
+    assert max(finished.values()) > short_ended  # and before the backlog
+
+
 def test_wrong_key(stack):
     bad = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key="iq-not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -145,6 +220,44 @@ def test_cancelling_a_running_job_stops_the_engine(stack):
     done = httpx.get(f"{url}?wait=10", headers=headers).json()
     assert done["status"] == "cancelled"
     assert 0 < done["usage"]["completion_tokens"] < 900
+    deadline = time.monotonic() + 5
+    while _running(stack["metrics"]) != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(stack["metrics"]) == 0  # the engine itself dropped the request
+
+
+def test_a_client_that_drops_its_socket_mid_stream_aborts_the_engine_request(stack, redis_client):
+    """Under gunicorn: the hang-up is seen at the next write, the job is cancelled, the engine aborts."""
+    import json
+    import socket
+
+    from queueing import jobs
+    from queueing.jobs import JobStatus
+    from tests.conftest import wait_for
+
+    max_tokens = 800
+    body = json.dumps({"model": MODEL, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                       "messages": [{"role": "user", "content": "Count to one thousand."}]}).encode()
+    host, port = stack["base"].removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    try:
+        head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {TEST_KEY}\r\nContent-Length: {len(body)}\r\n\r\n")
+        sock.sendall(head.encode() + body)
+        received = b""
+        while received.count(b'"content":"') < 6:  # the role chunk and a few tokens
+            data = sock.recv(65536)
+            assert data, received
+            received += data
+    finally:
+        sock.close()  # hang up mid-stream
+    found = re.search(rb'"id":"chatcmpl-([^"]+)"', received)
+    assert found is not None, received
+    job_id = found.group(1).decode()
+    wait_for(lambda: jobs.get(redis_client, job_id).status.is_terminal, 60, "the job to end")
+    record = jobs.get(redis_client, job_id)
+    assert record is not None and record.status is JobStatus.CANCELLED, record
+    assert record.completion_tokens is not None and 5 <= record.completion_tokens < max_tokens // 4, record
     deadline = time.monotonic() + 5
     while _running(stack["metrics"]) != 0 and time.monotonic() < deadline:
         time.sleep(0.1)

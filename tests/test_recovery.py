@@ -57,7 +57,9 @@ def test_a_dead_workers_job_is_requeued_then_given_up(redis_client: redis.Redis,
     job_id = running_job(redis_client, "w-dead-2", endpoint="/v1/completions")
     for attempt in range(1, recovery.MAX_ATTEMPTS + 1):
         assert recovery.reap(redis_client, celery, TTL)[0] >= 1
-        assert jobs.get(redis_client, job_id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+        record = jobs.get(redis_client, job_id)
+        assert record is not None and (record.status, record.attempts, record.worker) == (
+            JobStatus.QUEUED, attempt, None)
         assert redis_client.llen(queue) == attempt  # one fresh task message per requeue
         jobs.transition(redis_client, job_id, JobStatus.RUNNING, TTL, model=REQUEST.model,
                         worker=f"w-dead-2-{attempt}")  # taken, and that worker dies too
@@ -65,4 +67,24 @@ def test_a_dead_workers_job_is_requeued_then_given_up(redis_client: redis.Redis,
     record = jobs.get(redis_client, job_id)
     assert record is not None and record.status is JobStatus.FAILED and record.error_status == 500
     assert not redis_client.hexists(keys.RUNNING_JOBS, job_id)
+    redis_client.delete(queue)
+
+
+def test_a_requeue_is_a_move_of_the_table(redis_client: redis.Redis, redis_url: str, monkeypatch) -> None:
+    """The requeue script takes the statuses it may requeue from out of ``jobs.TRANSITIONS``."""
+    celery = make_celery(Settings(redis_url=redis_url))
+    queue = keys.batch_queue(REQUEST.model)
+    redis_client.delete(queue)
+    job_id = running_job(redis_client, "w-dead-3", endpoint="/v1/completions")
+    assert JobStatus.QUEUED in jobs.TRANSITIONS[JobStatus.RUNNING]
+    monkeypatch.setitem(jobs.TRANSITIONS, JobStatus.RUNNING,
+                        jobs.TRANSITIONS[JobStatus.RUNNING] - {JobStatus.QUEUED})
+    assert recovery.reap(redis_client, celery, TTL) == (0, 0)
+    record = jobs.get(redis_client, job_id)
+    assert record is not None and record.status is JobStatus.RUNNING and record.attempts is None
+    assert redis_client.llen(queue) == 0
+    monkeypatch.undo()
+    assert recovery.reap(redis_client, celery, TTL)[0] >= 1
+    assert jobs.get(redis_client, job_id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+    jobs.transition(redis_client, job_id, JobStatus.CANCELLED, TTL)
     redis_client.delete(queue)

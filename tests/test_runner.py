@@ -38,10 +38,10 @@ class CancelBeforeRegistration(ScriptedEngine):
 
     runner: JobRunner
 
-    def stream(self, job_id: str, request: JobRequest, admit: Any = None,
+    def stream(self, job_id: str, request: JobRequest, emit: Any = None, admit: Any = None,
                priority: int = 0) -> Iterator[events.TokenEvent]:
         assert self.runner.cancel(job_id)  # accepted although the engine has not started it
-        return super().stream(job_id, request, admit, priority)
+        return super().stream(job_id, request, emit, admit, priority)
 
 
 @pytest.mark.parametrize("stream", [True, False])  # a buffered job publishes nothing before its end
@@ -155,10 +155,10 @@ class RecordingPriorities(ScriptedEngine):
         super().__init__()
         self.priorities: dict[str, int] = {}
 
-    def stream(self, job_id: str, request: JobRequest, admit: Any = None,
+    def stream(self, job_id: str, request: JobRequest, emit: Any = None, admit: Any = None,
                priority: int = 0) -> Iterator[events.TokenEvent]:
         self.priorities[job_id] = priority
-        yield from super().stream(job_id, request, admit, priority)
+        yield from super().stream(job_id, request, emit, admit, priority)
 
 
 def test_batch_work_reaches_the_engine_behind_interactive_work(redis_client: redis.Redis) -> None:
@@ -182,7 +182,7 @@ class Scripted:
         self.script = script
         self.admit_with = admit_with
 
-    def stream(self, job_id: str, request: JobRequest, admit: Any = None,
+    def stream(self, job_id: str, request: JobRequest, emit: Any = None, admit: Any = None,
                priority: int = 0) -> Iterator[events.TokenEvent]:
         if self.admit_with is not None and admit is not None:
             refusal = admit(*self.admit_with)
@@ -216,17 +216,25 @@ def _run_subscribed(client: redis.Redis, engine: Scripted, job_id: str,
     return received
 
 
-CHUNK = 'data: {"id":"cmpl-1","object":"text_completion","choices":[{"index":%d,"text":"%s"}]}\n\n'
+def _joined(received: list[events.TokenEvent]) -> tuple[tuple[bytes, int], list[events.TokenEvent]]:
+    """The deltas' frames and tokens joined (the publisher may merge deltas), and the other events."""
+    deltas = [e for e in received if isinstance(e, events.Delta)]
+    assert received[:len(deltas)] == deltas  # the deltas come first
+    joined = (b"".join(d.frames for d in deltas), sum(d.tokens for d in deltas))
+    return joined, received[len(deltas):]
+
+
+CHUNK = b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"index":%d,"text":"%b"}]}\n\n'
 
 
 def test_stream_frames_go_out_untouched_and_usage_settles_from_done(redis_client: redis.Redis) -> None:
-    frames = [events.Delta(CHUNK % (0, "a") + CHUNK % (1, "b"), tokens=2),
-              events.Delta(CHUNK % (0, "c"), tokens=1), events.Delta("data: [DONE]\n\n")]
+    frames = [events.Delta(CHUNK % (0, b"a") + CHUNK % (1, b"b"), tokens=2),
+              events.Delta(CHUNK % (0, b"c"), tokens=1), events.Delta(b"data: [DONE]\n\n")]
     done = events.Done(usage=events.Usage(4, 3))
     request = completion("x y z w", max_tokens=2, n=2, stream=True)
     job_id, quota = _metered_job(redis_client, request)
     received = _run_subscribed(redis_client, Scripted(*frames, done, admit_with=(4, 4)), job_id, request)
-    assert received == [*frames, done]
+    assert _joined(received) == _joined([*frames, done])  # deltas ready together go out as one
     record = jobs.get(redis_client, job_id)
     assert record is not None and record.status is JobStatus.SUCCEEDED
     assert (record.prompt_tokens, record.completion_tokens, record.result) == (4, 3, None)
@@ -270,17 +278,17 @@ def test_admission_at_the_engine_holds_the_exact_worst_case_or_refuses(redis_cli
 
 def test_an_engine_that_raises_after_deltas_settles_their_tokens(redis_client: redis.Redis) -> None:
     class Breaks(Scripted):
-        def stream(self, job_id: str, request: JobRequest, admit: Any = None,
+        def stream(self, job_id: str, request: JobRequest, emit: Any = None, admit: Any = None,
                    priority: int = 0) -> Iterator[events.TokenEvent]:
             assert admit is not None and admit(5, 10) is None
-            yield events.Delta(CHUNK % (0, "a"), tokens=2)
-            yield events.Delta(CHUNK % (1, "b"), tokens=2)
+            yield events.Delta(CHUNK % (0, b"a"), tokens=2)
+            yield events.Delta(CHUNK % (1, b"b"), tokens=2)
             raise RuntimeError("engine core died at 10.0.0.7")
 
     request = completion("a b c d e", max_tokens=5, n=2, stream=True)
     job_id, quota = _metered_job(redis_client, request)
     received = _run_subscribed(redis_client, Breaks(), job_id, request)
-    assert [type(e) for e in received] == [events.Delta, events.Delta, events.Error]
+    assert _joined(received)[0] == (CHUNK % (0, b"a") + CHUNK % (1, b"b"), 4)
     end = received[-1]
     assert isinstance(end, events.Error) and end.code == "engine_error" and "10.0.0.7" not in end.message
     record = jobs.get(redis_client, job_id)

@@ -152,18 +152,27 @@ def _start_run(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[by
 
 
 def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C while a stream is in flight: the stream still gets every token and ``[DONE]``."""
+    from tests.sse_client import content, frames
+
     api_port = free_port()
     run, log_path = _start_run(tmp_path, _run_env(tmp_path, api_port))
     base = f"http://127.0.0.1:{api_port}"
+    tokens = 40  # 2 s at 0.05 s a token, well inside API_GRACEFUL_TIMEOUT
     try:
         wait_for(lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 120, "/ready", run)
-        reply = httpx.post(f"{base}/v1/chat/completions", timeout=30,
-                           headers={"Authorization": f"Bearer {TEST_KEY}"},
-                           json={"model": SCRIPTED_MODEL, "max_tokens": 4,
-                                 "messages": [{"role": "user", "content": "hi"}]})
-        assert reply.status_code == 200, reply.text
-        started = time.monotonic()
-        os.killpg(run.pid, signal.SIGINT)
+        with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {TEST_KEY}"},
+                          json={"model": SCRIPTED_MODEL, "max_tokens": tokens, "stream": True,
+                                "messages": [{"role": "user", "content": "[[delay=0.05]] hi"}]}) as resp:
+            assert resp.status_code == 200
+            pieces = resp.iter_text()
+            received = next(pieces)
+            while "tok0" not in received:  # generating: the Ctrl-C lands mid-stream
+                received += next(pieces)
+            started = time.monotonic()
+            os.killpg(run.pid, signal.SIGINT)
+            received += "".join(pieces)
         run.wait(GRACEFUL + STOP_MARGIN + 15)
         stopped_in = time.monotonic() - started
     finally:
@@ -171,6 +180,8 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
     output = log_path.read_text(errors="replace")
+    assert frames(received)[-1] == "[DONE]", received
+    assert content(received) == " ".join(f"tok{i}" for i in range(tokens)), received
     sessions = {int(pid) for pid in re.findall(r"started \(pid[= ](\d+)", output)}
     assert len(sessions) == 5, output  # redis-server and the Procfile's four processes
     assert live_sessions(sessions) == [], output

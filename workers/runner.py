@@ -10,11 +10,12 @@ from typing import Any
 
 import redis
 
-from config import logs, tracing
-from queueing import channel, events, jobs, metering
+from config import Settings, get_settings, logs, tracing
+from queueing import channel, events, jobs, metering, replication
 from queueing.jobs import JobRequest, JobStatus, TransitionRefused
 from workers import metrics
 from workers.engine import AdmitCallback, Engine
+from workers.publisher import DeltaPublisher
 from workers.vllm_response import ENGINE_FAILURE
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,14 @@ class _Progress:
 class JobRunner:
     """Wires an engine to Redis for one worker process (thread-safe)."""
 
-    def __init__(self, engine: Engine, client: redis.Redis, worker_id: str, job_ttl: int):
+    def __init__(self, engine: Engine, client: redis.Redis, worker_id: str, job_ttl: int,
+                 settings: Settings | None = None):
         self.engine = engine
         self.redis = client
+        self.settings = settings or get_settings()  # REDIS_WAIT_* for a job's end (finish)
         self.worker_id = worker_id
         self.job_ttl = job_ttl
+        self.publisher = DeltaPublisher(client, on_failure=engine.abort)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._cancel_pending: set[str] = set()
@@ -123,24 +127,30 @@ class JobRunner:
         active.inc()
         progress = _Progress()
         terminal: events.TerminalEvent | None = None
+        publisher = self.publisher
+
+        def emit(delta: events.Delta) -> None:  # on the engine's thread: count, and queue for Redis
+            progress.completion_tokens += delta.tokens
+            publisher.send(job_id, delta)
+
         try:
-            answer = self.engine.stream(job_id, request, admit=self._admission(job_id, progress),
+            answer = self.engine.stream(job_id, request, emit, admit=self._admission(job_id, progress),
                                         priority=priority)
             self._apply_pending_cancel(job_id)  # the engine knows the request from here on
             for event in answer:
                 if isinstance(event, events.Delta):
-                    with metrics.PUBLISH_SECONDS.time():
-                        channel.publish(self.redis, job_id, event)
-                    progress.completion_tokens += event.tokens
+                    emit(event)
                 else:
                     terminal = event
-        except redis.RedisError:
-            log.exception("job %s: Redis failed while streaming; request aborted", job_id)
         except Exception:
             log.exception("job %s: engine failed", job_id)
+            terminal = None
         finally:
             active.dec()
             self._forget(job_id)
+        if not publisher.flush(job_id):  # its last deltas are out before its end
+            log.error("job %s: Redis failed while streaming; request aborted", job_id)
+            terminal = None
         if terminal is None:  # failed mid-way: settle to what was generated
             terminal = dataclasses.replace(ENGINE_FAILURE, usage=progress.usage())
         self.finish(job_id, terminal)
@@ -179,11 +189,25 @@ class JobRunner:
         return admit
 
     def finish(self, job_id: str, terminal: events.TerminalEvent) -> None:
-        """Record the terminal status and publish the terminal event in one atomic step."""
-        usage = terminal.usage
+        """Record the terminal status and publish the terminal event in one atomic step.
+
+        With ``REDIS_WAIT_REPLICAS`` (sentinels), then WAIT until a replica holds it: a failover
+        right after the write could lose it, leaving the job running on a live worker that
+        the reaper never suspects. If the primary changed meanwhile, the end is written (and
+        published) again on the new one (``queueing.replication.replicate``).
+        """
+        try:
+            replication.replicate(self.redis, self.settings, lambda again: self._record_end(
+                job_id, terminal, again), f"job {job_id}'s end")
+        except redis.RedisError:
+            log.exception("job %s: could not record its end (Redis unavailable)", job_id)
+
+    def _record_end(self, job_id: str, terminal: events.TerminalEvent, again: bool) -> None:
+        """The terminal transition; ``again`` on a new primary after a failover (idempotent)."""
+        usage, status = terminal.usage, _STATUS_OF[type(terminal)]
         try:
             jobs.transition(
-                self.redis, job_id, _STATUS_OF[type(terminal)], self.job_ttl,
+                self.redis, job_id, status, self.job_ttl,
                 publish=events.encode(terminal),
                 finished_at=time.time(),
                 result=getattr(terminal, "body", None),
@@ -198,7 +222,11 @@ class JobRunner:
             if refused.current is None:  # the record expired: the channel still needs its end
                 log.warning("job %s: %s; publishing the terminal event only", job_id, refused)
                 channel.publish(self.redis, job_id, terminal)
-            else:  # already ended (failed by the API or the reaper), which published its own end
+            elif again and refused.current is status:
+                # The new primary has this end, but its event may have reached only the dead
+                # primary's subscribers; a listener stops at the first terminal event.
+                channel.publish(self.redis, job_id, terminal)
+            elif refused.current.is_terminal:  # ended elsewhere (API, reaper), which published its end
                 log.warning("job %s: %s; its end was already published", job_id, refused)
-        except redis.RedisError:
-            log.exception("job %s: could not record its end (Redis unavailable)", job_id)
+            else:  # requeued by the reaper, or a new primary that lost the job's start as well
+                log.warning("job %s: %s; its end is not recorded (the job runs again)", job_id, refused)

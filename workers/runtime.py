@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import uuid
+from typing import Any
 
 import redis
+from celery import Celery
 
 from config import Settings
 from queueing import keys, liveness, recovery
-from queueing.celery_app import app as celery_app
-from queueing.connections import get_redis
+from queueing.connections import redis_client
 from workers import metrics
 from workers.batch_consumer import BatchConsumer
 from workers.engine import Engine
@@ -22,11 +24,14 @@ from workers.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
-_current: WorkerRuntime | None = None
-
 
 def build_engine(settings: Settings) -> Engine:
-    """The engine named by ``ENGINE``: the real vLLM one, or the scripted test double."""
+    """The engine named by ``ENGINE``: the real vLLM one, or a test double (scripted, or paced like a GPU)."""
+    if settings.engine == "paced":
+        from workers.paced_engine import PacedEngine
+
+        return PacedEngine(step=settings.scripted_token_delay, model=settings.served_model_name,
+                           max_model_len=settings.max_model_len)
     if settings.engine == "scripted":
         from workers.scripted_engine import ScriptedEngine
 
@@ -37,36 +42,59 @@ def build_engine(settings: Settings) -> Engine:
     return VllmEngine(settings)
 
 
+def interactive_slot_count(settings: Settings) -> int:
+    """Celery task slots for interactive work: the engine's sequences plus a quarter more.
+
+    At saturation a finished job's slot is handed to the next queued message only once
+    Celery's event loop notices the ack (hundreds of ms at 256 streams here), so jobs
+    beyond ``MAX_NUM_SEQS`` are taken into vLLM's own waiting queue instead; its
+    scheduler starts each at the next engine step after a sequence ends.
+    """
+    return settings.max_num_seqs + max(4, settings.max_num_seqs // 4)
+
+
 def batch_slot_count(settings: Settings) -> int:
     """How many engine slots batch work may hold at once."""
     return max(1, int(settings.max_num_seqs * settings.batch_share))
 
 
 class WorkerRuntime:
-    """Everything a worker process hosts besides Celery itself."""
+    """Everything a worker process hosts besides Celery itself.
 
-    def __init__(self, settings: Settings, engine: Engine):
+    ``celery`` is the worker's app: batch work is consumed and a dead worker's jobs are
+    requeued through its broker connections.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, celery: Celery):
         self.settings = settings
         self.engine = engine
-        self.worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self.redis = get_redis(settings.redis_url)
+        self.celery = celery
+        self.host = socket.gethostname()
+        self.worker_id = f"{self.host}-{uuid.uuid4().hex[:8]}"
+        self.redis = redis_client(settings)
         self.runner = JobRunner(engine, self.redis, self.worker_id, settings.job_ttl)
-        self.batch = BatchConsumer(celery_app, keys.batch_queue(settings.served_model_name),
+        self.batch = BatchConsumer(celery, keys.batch_queue(settings.served_model_name),
                                    batch_slot_count(settings), self.runner.run_batch)
         self.model_cards = json.dumps(engine.models(), separators=(",", ":"))
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Start heartbeats and the cancel listener; make this the current runtime."""
-        global _current
-        _current = self
+        """Start heartbeats and the cancel listener.
+
+        Batch work starts later, with :meth:`start_batch`.
+        """
         metrics.SLOTS.set(self.settings.max_num_seqs)
         metrics.BATCH_SLOTS.set(batch_slot_count(self.settings))
         for target in (self._heartbeat_loop, self._cancel_loop):
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def start_batch(self) -> None:
+        """Start consuming batch work (idempotent). Called once Celery's worker is ready: by then
+        Celery handles SIGTERM (a warm shutdown, then :meth:`stop` lets running lines finish); a
+        line taken before that would die with a process that a SIGTERM still ends at once."""
         self.batch.start()
 
     def stop(self) -> None:
@@ -80,13 +108,23 @@ class WorkerRuntime:
             log.warning("could not remove this worker from the live set")
         self.engine.shutdown()
 
+    def describe(self) -> dict[str, Any]:
+        """What ``inferq status`` shows of this worker (sent with each heartbeat)."""
+        s = self.settings
+        active = {sample.labels["priority"]: int(sample.value)
+                  for family in metrics.ACTIVE_JOBS.collect() for sample in family.samples}
+        return {"host": self.host, "pid": os.getpid(), "model": s.served_model_name, "engine": s.engine,
+                "devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "slots": s.max_num_seqs,
+                "batch_share": s.batch_share, "batch_slots": batch_slot_count(s),
+                "running": active.get("interactive", 0), "batch_running": active.get("batch", 0)}
+
     def _heartbeat_loop(self) -> None:
         s = self.settings
         while not self._stopping.is_set():
             try:
                 liveness.beat(self.redis, s.served_model_name, self.worker_id, s.worker_heartbeat_ttl,
-                              self.model_cards)
-                recovery.reap(self.redis, celery_app, s.job_ttl)  # jobs of workers that died
+                              self.model_cards, self.describe())
+                recovery.reap(self.redis, self.celery, s.job_ttl)  # jobs of workers that died
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # noqa: BLE001 - never let the heartbeat thread die
@@ -107,10 +145,3 @@ class WorkerRuntime:
                 self._stopping.wait(1.0)
             finally:
                 pubsub.close()
-
-
-def current() -> WorkerRuntime:
-    """The runtime of this worker process (set by :meth:`WorkerRuntime.start`)."""
-    if _current is None:
-        raise RuntimeError("no worker runtime: start the worker with `inferq worker`")
-    return _current

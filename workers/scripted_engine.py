@@ -30,9 +30,9 @@ from typing import Any
 
 from queueing import events
 from queueing.jobs import CHAT, COMPLETIONS, DETOKENIZE, RESPONSES, TOKENIZE, JobRequest
-from workers.engine import AdmitCallback
+from workers.engine import AdmitCallback, EmitCallback
 
-_DIRECTIVE = re.compile(r"\[\[(\w+)(?:=([\d.]+))?\]\]")
+DIRECTIVE = re.compile(r"\[\[(\w+)(?:=([\d.]+))?\]\]")
 
 
 class ScriptedEngineFailure(RuntimeError):
@@ -50,7 +50,7 @@ def _text(value: Any) -> str:
     return ""
 
 
-def _prompt_text(request: JobRequest) -> str:
+def prompt_text(request: JobRequest) -> str:
     body = request.body
     if request.endpoint == CHAT:
         return _text(body.get("messages"))
@@ -72,7 +72,7 @@ def _error(message: str, status: int = 400, param: str | None = None) -> events.
     return events.Error(message=message, status=status, error_type="BadRequestError", param=param)
 
 
-class _Reply:
+class Reply:
     """The scripted answer's wire format for one endpoint."""
 
     def __init__(self, job_id: str, request: JobRequest, n: int):
@@ -161,10 +161,10 @@ class ScriptedEngine:
         return [{"id": self.model, "object": "model", "created": self._created, "owned_by": "inferq",
                  "root": self.model, "parent": None, "max_model_len": self.max_model_len, "permission": []}]
 
-    def stream(self, job_id: str, request: JobRequest, admit: AdmitCallback | None = None,
-               priority: int = 0) -> Iterator[events.TokenEvent]:
+    def stream(self, job_id: str, request: JobRequest, emit: EmitCallback | None = None,
+               admit: AdmitCallback | None = None, priority: int = 0) -> Iterator[events.TokenEvent]:
         """Start the request (it can be aborted from now on); the iterator yields the scripted
-        answer's frames (or its body), then a terminal event."""
+        answer's frames (or its body) on the caller's thread, then a terminal event."""
         return self._answer(job_id, request, admit, self._register(job_id))
 
     def _answer(self, job_id: str, request: JobRequest, admit: AdmitCallback | None,
@@ -176,12 +176,12 @@ class ScriptedEngine:
 
     def _checked(self, job_id: str, request: JobRequest, admit: AdmitCallback | None,
                  stop: threading.Event) -> Iterator[events.TokenEvent]:
-        text = _prompt_text(request)
+        text = prompt_text(request)
         words = text.split()
         if request.endpoint in (TOKENIZE, DETOKENIZE):
             yield self._tokenizer(request, words)
             return
-        directives = {name: value for name, value in _DIRECTIVE.findall(text)}
+        directives = {name: value for name, value in DIRECTIVE.findall(text)}
         if request.endpoint == CHAT and not isinstance(request.body.get("messages"), list):
             yield _error("Field required: messages", param="messages")
             return
@@ -201,7 +201,7 @@ class ScriptedEngine:
 
     def _generate(self, job_id: str, request: JobRequest, directives: dict[str, str], n: int, count: int,
                   prompt_tokens: int, stop: threading.Event) -> Iterator[events.TokenEvent]:
-        reply = _Reply(job_id, request, n)
+        reply = Reply(job_id, request, n)
         streaming = request.stream
         if "first_delay" in directives and stop.wait(float(directives["first_delay"])):
             yield events.Cancelled(usage=events.Usage(prompt_tokens, 0))
@@ -209,7 +209,7 @@ class ScriptedEngine:
         if "fail" in directives:
             raise ScriptedEngineFailure("scripted engine failure at 10.0.0.7:8000 (internal)")
         if streaming:  # as vLLM: the opening frames go out with the first token
-            yield events.Delta("".join(reply.opening()), 0)
+            yield events.Delta("".join(reply.opening()).encode(), 0)
         delay = float(directives.get("delay") or self.token_delay)
         fail_after = int(float(directives.get("fail_after") or -1))
         finish = "stop" if "stop" in directives else "length"
@@ -226,12 +226,12 @@ class ScriptedEngine:
                 texts[index] += word
                 frames.append(reply.token(index, word, finish if i == count - 1 else None))
             if streaming:
-                yield events.Delta("".join(frames), tokens=n)
+                yield events.Delta("".join(frames).encode(), tokens=n)
             else:  # progress, as the real engine reports it while a buffered answer grows
-                yield events.Delta("", tokens=n)
+                yield events.Delta(b"", tokens=n)
         usage = events.Usage(prompt_tokens, count * n)
         if streaming:
-            yield events.Delta("".join(reply.closing(texts, usage)), 0)
+            yield events.Delta("".join(reply.closing(texts, usage)).encode(), 0)
             yield events.Done(usage=usage)
         else:
             yield events.Done(usage=usage, body=reply.body(texts, finish, usage))

@@ -20,7 +20,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from queueing import events
 from queueing.jobs import JobRequest
 from workers import engine_meter
 from workers.asgi_call import call_app
-from workers.engine import AdmitCallback, server_argv
+from workers.engine import AdmitCallback, EmitCallback, server_argv
 from workers.engine_meter import JobMeter
 from workers.vllm_response import ENGINE_FAILURE, StreamFrames, buffered_end, error_event, internal_request
 
@@ -103,22 +103,28 @@ class VllmEngine:
         """The model cards vLLM's server lists at ``/v1/models``."""
         return list(self._models.get("data", []))
 
-    async def _serve(self, job_id: str, request: JobRequest, body: bytes, priority: int, meter: JobMeter,
+    async def _serve(self, job_id: str, request: JobRequest, body: bytes, priority: int, job: _Job,
                      out: queue.SimpleQueue[Any]) -> None:
+        meter = job.meter
         engine_meter.current.set(meter)
-        failed = False
+        sse = failed = False
 
         def on_start(status: int, headers: list[tuple[bytes, bytes]]) -> None:
-            kind = dict(headers).get(b"content-type", b"")
-            out.put(_Start(status, kind.startswith(b"text/event-stream")))
+            nonlocal sse
+            sse = dict(headers).get(b"content-type", b"").startswith(b"text/event-stream")
+            out.put(_Start(status, sse))
 
-        def on_body(chunk: bytes) -> None:
+        def on_body(chunk: bytes) -> None:  # on the loop: a stream's frames go out from here
             nonlocal failed
             if meter.engine_failed and not failed:  # vLLM's in-stream error: the job reports its own
                 failed = True
                 out.put(_FAILED)
-            if not failed:
+            if failed:
+                return
+            if not sse:
                 out.put(chunk)
+            elif job.frames.keep(chunk) and meter.refusal is None:
+                job.emit(events.Delta(chunk, job.new_tokens()))
 
         try:
             await call_app(self._app, "POST", request.endpoint, body,
@@ -135,23 +141,24 @@ class VllmEngine:
                 out.put(_CANCELLED)
             out.put(_END)
 
-    def stream(self, job_id: str, request: JobRequest, admit: AdmitCallback | None = None,
+    def stream(self, job_id: str, request: JobRequest, emit: EmitCallback, admit: AdmitCallback | None = None,
                priority: int = 0) -> Iterator[events.TokenEvent]:
-        """Start one request in vLLM's app (it can be aborted from now on); the iterator yields
-        deltas (coalesced when the consumer lags), then a terminal event."""
+        """Start one request in vLLM's app (it can be aborted from now on). A stream's frames go
+        to ``emit`` from the engine's loop as vLLM writes them; the iterator yields the terminal
+        event (after progress deltas while a buffered answer grows)."""
         body, strip_usage = internal_request(request)
-        meter = JobMeter(admit=admit)
+        job = _Job(JobMeter(admit=admit), StreamFrames(strip_usage), emit)
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        future = self._run(self._serve(job_id, request, body, priority, meter, outputs))
+        future = self._run(self._serve(job_id, request, body, priority, job, outputs))
         with self._lock:
-            self._running[job_id] = (future, meter)
-        return self._relay(job_id, future, meter, outputs, StreamFrames(strip_usage))
+            self._running[job_id] = (future, job.meter)
+        return self._relay(job_id, future, job, outputs)
 
-    def _relay(self, job_id: str, future: concurrent.futures.Future[None], meter: JobMeter,
-               outputs: queue.SimpleQueue[Any], frames: StreamFrames) -> Iterator[events.TokenEvent]:
+    def _relay(self, job_id: str, future: concurrent.futures.Future[None], job: _Job,
+               outputs: queue.SimpleQueue[Any]) -> Iterator[events.TokenEvent]:
         ended = False
         try:
-            terminal = yield from _events(outputs, meter, frames)
+            terminal = _end(outputs, job)
             ended = True
         finally:
             with self._lock:
@@ -187,40 +194,45 @@ class VllmEngine:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def _events(outputs: queue.SimpleQueue[Any], meter: JobMeter,
-            frames: StreamFrames) -> Generator[events.TokenEvent, None, events.TerminalEvent]:
-    """Deltas from the app's output queue (one job); returns the terminal event."""
+class _Job:
+    """One job's state, shared by the engine's loop (its frames) and the worker thread that waits
+    for its end (progress while vLLM writes nothing)."""
+
+    def __init__(self, meter: JobMeter, frames: StreamFrames, emit: EmitCallback):
+        self.meter, self.frames, self.emit = meter, frames, emit
+        self._sent = 0
+        self._lock = threading.Lock()
+
+    def new_tokens(self) -> int:
+        """Tokens generated since the previous call."""
+        with self._lock:
+            tokens, self._sent = self.meter.completion_tokens - self._sent, self.meter.completion_tokens
+            return tokens
+
+
+def _end(outputs: queue.SimpleQueue[Any], job: _Job) -> events.TerminalEvent:
+    """Waits for the app's answer to end (emitting progress meanwhile); the terminal event."""
+    meter = job.meter
     start = _Start(0, False)
     buffered: list[bytes] = []
-    sent_tokens = 0
-    failed = cancelled = done = False
-    while not done:
+    failed = cancelled = False
+    while True:
         try:
-            batch = [outputs.get(timeout=PROGRESS_INTERVAL)]
+            item = outputs.get(timeout=PROGRESS_INTERVAL)
         except queue.Empty:
-            if meter.completion_tokens > sent_tokens and meter.refusal is None:
-                tokens, sent_tokens = meter.completion_tokens - sent_tokens, meter.completion_tokens
-                yield events.Delta("", tokens)
+            if meter.refusal is None and (tokens := job.new_tokens()):
+                job.emit(events.Delta(b"", tokens))
             continue
-        while not outputs.empty():  # several engine steps ready: publish them as one delta
-            batch.append(outputs.get_nowait())
-        text: list[bytes] = []
-        for item in batch:
-            if item is _END:
-                done = True
-            elif item is _FAILED:
-                failed = True
-            elif item is _CANCELLED:
-                cancelled = True
-            elif isinstance(item, _Start):
-                start = item
-            elif not start.sse:
-                buffered.append(item)
-            elif frames.keep(item):
-                text.append(item)
-        if text and meter.refusal is None and not failed:
-            tokens, sent_tokens = meter.completion_tokens - sent_tokens, meter.completion_tokens
-            yield events.Delta(b"".join(text).decode(), tokens)
+        if item is _END:
+            break
+        if item is _FAILED:
+            failed = True
+        elif item is _CANCELLED:
+            cancelled = True
+        elif isinstance(item, _Start):
+            start = item
+        else:
+            buffered.append(item)
     if meter.refusal is not None:
         return meter.refusal
     if failed or meter.engine_failed:
@@ -228,7 +240,7 @@ def _events(outputs: queue.SimpleQueue[Any], meter: JobMeter,
     if cancelled or meter.cancelled or not start.status:
         return events.Cancelled(usage=meter.usage())
     if start.sse:
-        return events.Done(usage=frames.usage or meter.usage())
+        return events.Done(usage=job.frames.usage or meter.usage())
     if start.status >= 400:
         return error_event(start.status, b"".join(buffered), meter.usage())
     return buffered_end(start.status, b"".join(buffered), meter.usage())

@@ -19,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Create the tables :mod:`api.batch_store` declares."""
+    """Create the tables :mod:`api.batches.store` declares."""
     op.create_table(
         "batches",
         sa.Column("id", sa.String(length=40), nullable=False),

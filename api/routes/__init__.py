@@ -1,1 +1,0 @@
-"""Thin blueprints: parse, call serving logic, map the result to HTTP."""
