@@ -10,20 +10,12 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api.accounts.auth import KeyStore
 from api.accounts.keys import check_bootstrap_keys
-from api.accounts.ledger import Ledger
-from api.accounts.ratelimit import AUTH_GATE, AuthFailureGate, KeyRateLimiter, ip_limiter
+from api.accounts.ratelimit import AUTH_GATE, AuthFailureGate, ip_limiter
 from api.accounts.routes import bp as usage_bp
-from api.batches.collector import BatchCollector
 from api.batches.routes import bp as batches_bp
-from api.batches.runner import BatchRunner
-from api.batches.store import BatchStore
-from api.db import Database
-from api.extensions import Services
 from api.files.routes import bp as files_bp
-from api.files.store import FileStore, remove_stale_parts
-from api.generation.gateway import Gateway
+from api.files.store import remove_stale_parts
 from api.generation.models import bp as models_bp
 from api.generation.routes import bp as completions_bp
 from api.http import errors, metrics
@@ -31,9 +23,8 @@ from api.http.health import bp as health_bp
 from api.http.json_limits import JSONLimits, LimitedJSONProvider
 from api.http.openapi_routes import bp as openapi_bp
 from api.jobs.routes import bp as jobs_bp
+from api.services import build_services
 from config import Settings, get_settings, logs, tracing
-from queueing.celery_app import make_celery
-from queueing.connections import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +55,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.json = LimitedJSONProvider(app, JSONLimits.from_settings(settings))  # bodies over the caps: 400
     app.json.sort_keys = False
 
-    db = Database(settings)
-    db.create_schema()
-    client = redis_client(settings)
-    key_store = KeyStore(db, settings.bootstrap_keys)
-    files_store = FileStore(db, settings)
-    remove_stale_parts(files_store.root)  # what a crashed upload left behind
-    batch_store = BatchStore(db)
-    collector = BatchCollector.for_store(batch_store, files_store, client)
-    ledger = Ledger(client, db, hooks=[collector.on_settled])  # finished batch lines ride on the usage stream
-    gateway = Gateway(settings, client, make_celery(settings), used_on=ledger.used_on)
-    batches_runner = BatchRunner(batch_store, files_store, gateway, collector, key_store.principal_for)
-    app.extensions["inferq"] = Services(settings, db, key_store, gateway, ledger, KeyRateLimiter(settings),
-                                        files_store, batches_runner)
-    if settings.ledger_drain:
-        ledger.start_background()
-        batches_runner.start_resumer()
+    services = build_services(settings)
+    remove_stale_parts(services.files.root)  # what a crashed upload left behind
+    app.extensions["inferq"] = services
+    client = services.gateway.redis
     if weak_keys:
         log.warning(weak_keys)
 

@@ -55,3 +55,43 @@ def api(host: str | None, port: int | None, workers: int | None, connections: in
         "api:create_app()",
     ]
     os.execv(sys.executable, argv)
+
+
+@click.command("coordinator")
+@click.option("--once", is_flag=True,
+              help="Do one round (drain usage and finished batch lines, one pass over the batches) and exit.")
+def coordinator(once: bool) -> None:
+    """Run the background work the API hands off: the usage ledger's drain into SQL, batch
+    collection, and batch dispatch, resumption, cancelling, expiry and finalization.
+
+    Run one or more per deployment (two are safe: they share the work). SIGTERM or Ctrl-C
+    stops it; a batch it was dispatching is resumed by another coordinator, or by this one
+    when it starts again.
+    """
+    import signal
+    import threading
+
+    from api.coordinator import Coordinator
+    from api.http.metrics import serve_coordinator_metrics
+    from api.services import build_services
+    from config import logs, tracing
+
+    s = get_settings()
+    logs.configure(s.log_level, s.log_format)
+    tracing.init_tracing("inferq-coordinator")
+    worker = Coordinator(build_services(s))
+    if once:
+        worker.run_once()
+        return
+    if s.coordinator_metrics_port:
+        try:
+            serve_coordinator_metrics(s.coordinator_metrics_port)
+        except OSError as exc:
+            click.echo(f"coordinator: metrics port {s.coordinator_metrics_port} unavailable: {exc}", err=True)
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    worker.start()
+    while not stopped.wait(1.0):
+        pass
+    worker.stop()

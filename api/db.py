@@ -9,6 +9,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import Boolean, Date, DateTime, Index, Integer, String, Text, create_engine, event
+from sqlalchemy import exc as sql_errors
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -158,3 +159,21 @@ class Database:
     def create_schema(self) -> None:
         """Migrate the schema to the newest revision (idempotent: one read when already there)."""
         migrate.upgrade_engine(self.engine)
+
+
+def is_entry_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` lies in the data of the entries being written (writing them again would
+    fail again), rather than in the database, Redis or the disk (worth retrying)."""
+    if isinstance(exc, sql_errors.DataError | sql_errors.IntegrityError):
+        return True
+    if isinstance(exc, sql_errors.DBAPIError):  # connection lost, missing table, server error
+        return False
+    if isinstance(exc, sql_errors.StatementError):  # raised while binding the entry's values
+        return True
+    return isinstance(exc, ValueError | TypeError | KeyError)
+
+
+def describe(exc: BaseException) -> str:
+    """A short account of an error for the log and the dead letter (no SQL, no parameters)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"

@@ -43,8 +43,7 @@ def main(n_requests: int, warmup: int, frames: int, top: int) -> None:
             from api import create_app
 
             app = create_app({"redis_url": url, "database_url": f"sqlite:///{tmp}/api.db",
-                              "api_keys": BENCH_KEY, "served_model_name": MODEL, "log_level": "WARNING",
-                              "ledger_drain": False})  # no background thread left when Redis stops
+                              "api_keys": BENCH_KEY, "served_model_name": MODEL, "log_level": "WARNING"})
             http = app.test_client()
             headers = {"Authorization": f"Bearer {BENCH_KEY}"}
             body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}

@@ -59,7 +59,7 @@ def main(concurrency: int, n_requests: int, max_tokens: int, port: int | None,
         base = stack.base
         texts = prompts(n_requests)
         run_stack(base, s.served_model_name, texts[:concurrency], 8, concurrency)
-        roots = [psutil.Process(p.pid) for p in stack.procs]  # worker, API, this stack's redis-server
+        roots = [psutil.Process(p.pid) for p in stack.procs]  # worker, API, coordinator, redis-server
         before, started = _cpu_times(roots), time.monotonic()
         client_before = cpu_seconds(me)
         result = run_stack(base, s.served_model_name, texts, max_tokens, concurrency)

@@ -75,7 +75,7 @@ class EngineRun:
         return self.requests / self.elapsed
 
 
-ROLES = ("api", "worker", "redis-server", "client")
+ROLES = ("api", "worker", "coordinator", "redis-server", "client")
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ class Pair:
 
     @property
     def server_cpu_ms(self) -> float:
-        """API + worker + Redis CPU milliseconds per request (the client left out)."""
-        return sum(self.cpu_ms(role) for role in ROLES[:3])
+        """API + worker + coordinator + Redis CPU milliseconds per request (the client left out)."""
+        return sum(self.cpu_ms(role) for role in ROLES[:4])
 
     def figures(self) -> dict[str, float | None]:
         lat, ttft, engine_p50 = self.stack.latency, self.stack.ttft, self.engine.latency.p50 * 1000
@@ -279,7 +279,7 @@ def print_levels(levels: list[Level], ping: Summary) -> None:
                         f"(engine alone, stack), spread min..max; Redis PING p50 {ping.p50 * 1000:.3f} ms, "
                         f"p99 {ping.p99 * 1000:.3f} ms")
     for col in ("API", "mode", "conc", *(title for _, title, _, _ in TABLE),
-                "CPU ms/req API/worker/Redis/client", "failed", "load"):
+                "CPU ms/req API/worker/coordinator/Redis/client", "failed", "load"):
         table.add_column(col, justify="right")
     for lv in levels:
         st = lv.stats()
@@ -373,8 +373,8 @@ def main(n_requests: int, warmup: int, levels: str, rate_levels: str, api_worker
                 ENGINE="scripted", SERVED_MODEL_NAME=MODEL, MAX_NUM_SEQS="256", MAX_QUEUE_DEPTH="0",
                 LOG_LEVEL="WARNING", JOB_TTL="600",
                 **overrides) as base:
-            worker, api = procs
-            groups = ProcessGroups({worker.pid: "worker", api.pid: "api"})
+            worker, api, coordinator = procs
+            groups = ProcessGroups({worker.pid: "worker", api.pid: "api", coordinator.pid: "coordinator"})
             if ping is None:
                 ping = redis_ping(private_redis.url)
                 console.print(f"Redis PING p50 {ping.p50 * 1000:.3f} ms, p99 {ping.p99 * 1000:.3f} ms")

@@ -25,6 +25,7 @@ from config import Settings
 from inferq.launcher import (
     Process,
     api_argv,
+    coordinator_argv,
     free_port,
     http_ok,
     inferq_argv,
@@ -62,7 +63,8 @@ def refuse_live_worker(env: dict[str, str]) -> None:
 
 @dataclass
 class PrivateStack:
-    """A running private stack: its base URL, Redis URL, and processes (worker, API, redis-server)."""
+    """A running private stack: its base URL, Redis URL, and processes (worker, API, coordinator,
+    redis-server)."""
 
     base: str
     redis_url: str
@@ -82,16 +84,20 @@ class PrivateStack:
         return self.procs[1]
 
     @property
-    def redis(self) -> subprocess.Popen[bytes]:
+    def coordinator(self) -> subprocess.Popen[bytes]:
         return self.procs[2]
+
+    @property
+    def redis(self) -> subprocess.Popen[bytes]:
+        return self.procs[3]
 
 
 @contextmanager
 def private_stack(port: int | None = None, ready_timeout: float = 600, api_args: tuple[str, ...] = (),
                   env: dict[str, str] | None = None) -> Iterator[PrivateStack]:
-    """A private redis-server and a temporary SQLite database and files directory, then a worker and a
-    one-process API on them (:func:`running_stack`, with the settings ``env``); everything is gone
-    afterwards."""
+    """A private redis-server and a temporary SQLite database and files directory, then a worker, a
+    one-process API and a coordinator on them (:func:`running_stack`, with the settings ``env``);
+    everything is gone afterwards."""
     with ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-"))
         private_redis = stack.enter_context(redis_server())
@@ -107,7 +113,8 @@ def private_stack(port: int | None = None, ready_timeout: float = 600, api_args:
 
 def child_environment(env: dict[str, str]) -> dict[str, str]:
     """The environment :func:`running_stack` starts the worker and the API with."""
-    return {**os.environ, "API_KEYS": BENCH_KEY, "WORKER_METRICS_PORT": "0", **env}
+    return {**os.environ, "API_KEYS": BENCH_KEY, "WORKER_METRICS_PORT": "0", "COORDINATOR_METRICS_PORT": "0",
+            **env}
 
 
 def log_path(name: str) -> Path | None:
@@ -124,15 +131,17 @@ def bench_process(argv: list[str], env: dict[str, str], name: str) -> Process:
 @contextmanager
 def running_stack(port: int, ready_timeout: float = 600, api_args: tuple[str, ...] = (),
                   procs: list[subprocess.Popen[bytes]] | None = None, **env: str) -> Iterator[str]:
-    """A worker and a one-process API on ``port`` with ``BENCH_KEY``; yields the base URL once ready.
+    """A worker, a one-process API on ``port`` with ``BENCH_KEY`` and a coordinator; yields the base
+    URL once ready.
 
     ``api_args`` are added to ``inferq api``; ``procs``, if given, receives the
-    worker and API processes (in that order).
+    worker, API and coordinator processes (in that order).
     """
     child_env = child_environment(env)
     refuse_live_worker(child_env)
     started = [bench_process(inferq_argv("worker", "--loglevel", "WARNING"), child_env, "worker"),
-               bench_process(api_argv(port, *api_args), child_env, "api")]
+               bench_process(api_argv(port, *api_args), child_env, "api"),
+               bench_process(coordinator_argv(), child_env, "coordinator")]
     if procs is not None:
         procs.extend(process.proc for process in started)
     base = f"http://127.0.0.1:{port}"

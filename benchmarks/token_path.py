@@ -45,7 +45,7 @@ from loadtest.stats import Summary, summarize
 console = Console()
 MODEL = "paced-gpu"
 OUT_DIR = Path(__file__).with_name("out")
-ROLES = ("worker", "api", "redis-server", "client")
+ROLES = ("worker", "api", "coordinator", "redis-server", "client")
 _EMITTED = re.compile(rb"^inferq_paced_engine_tokens_total ([0-9.e+]+)$", re.M)
 
 
@@ -263,6 +263,7 @@ def pair_row(engine: Window, stack: Window) -> dict[str, float]:
 
 COLUMNS = ("engine_tokens_per_s", "stack_emitted_per_s", "stack_delivered_per_s", "delivered_over_emitted",
            "added_ttft_p50_ms", "added_itl_p99_ms", "worker_us_per_token", "api_us_per_token",
+           "coordinator_us_per_token",
            "redis-server_us_per_token", "client_us_per_token", "errors")
 
 
@@ -316,8 +317,8 @@ def main(streams: int, step: float, tokens: int, pairs: int, seconds: float, war
                "MAX_QUEUE_DEPTH": "0", "LOG_LEVEL": "WARNING", "WORKER_METRICS_PORT": str(metrics_port),
                "QUEUE_TIMEOUT": "120", **overrides}
         with running_stack(port, 120, api_args=("--workers", str(api_workers)), procs=procs, **env):
-            worker, api = procs
-            cpu = ProcessGroups({worker.pid: "worker", api.pid: "api"})
+            worker, api, coordinator = procs
+            cpu = ProcessGroups({worker.pid: "worker", api.pid: "api", coordinator.pid: "coordinator"})
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             for i in range(pairs):  # the engine alone runs while the stack is idle, and the other way round
                 engine = engine_window(step, streams, tokens, warmup, seconds)
@@ -335,7 +336,8 @@ def main(streams: int, step: float, tokens: int, pairs: int, seconds: float, war
                               f"+TTFT p50 {row['added_ttft_p50_ms']:.1f} ms, "
                               f"+ITL p99 {row['added_itl_p99_ms']:.1f} ms; "
                               f"us/token worker "
-                              f"{row['worker_us_per_token']:.1f} API {row['api_us_per_token']:.1f} Redis "
+                              f"{row['worker_us_per_token']:.1f} API {row['api_us_per_token']:.1f} "
+                              f"coordinator {row['coordinator_us_per_token']:.1f} Redis "
                               f"{row['redis-server_us_per_token']:.1f}; errors {row['errors']}")
     stats = print_pairs(rows, settings)
     report = {"settings": settings, "machine": {"nproc": os.cpu_count()}, "pairs": rows, "stats": stats}

@@ -66,8 +66,9 @@ SECTIONS = (
         "max_json_elements", "max_json_depth", "header_read_timeout", "body_read_timeout", "body_min_rate",
         "ip_rate_limit", "auth_failure_limit", "trusted_proxy_count", "worker_task_events",
         "worker_heartbeat_interval", "worker_heartbeat_ttl")),
-    Section("Operation", "Background work, logs, shutdown, and `inferq run`'s restarts.", (
-        "ledger_drain", "log_level", "log_format", "api_graceful_timeout", "api_keepalive", "restart_limit",
+    Section("Operation", "The coordinator's background work, logs, shutdown, and `inferq run`'s restarts.", (
+        "coordinator_interval", "coordinator_metrics_port", "log_level", "log_format", "api_graceful_timeout",
+        "api_keepalive", "restart_limit",
         "restart_window", "restart_backoff")),
 )
 

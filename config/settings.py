@@ -213,10 +213,12 @@ class Settings(BaseSettings):
         "Seconds a heartbeat counts as live: a stream whose worker misses heartbeats this long ends with "
         "a `worker_lost` error."))
 
-    # Background work of the API processes
-    ledger_drain: bool = Field(True, description=(
-        "Each API process drains settled usage from Redis into the SQL usage ledger in the background, "
-        "and resumes orphaned batch dispatches."))
+    # Background work: the coordinator (`inferq coordinator`)
+    coordinator_interval: float = Field(10.0, gt=0, description=(
+        "Seconds between two passes of a coordinator over unfinished batches (dispatch, resumption, "
+        "cancelling, expiry, finalization) when the API does not wake it sooner."))
+    coordinator_metrics_port: int = Field(9102, description=(
+        "Prometheus endpoint of the coordinator (settled tokens, dead letters); 0 = off."))
 
     log_level: str = Field("INFO", description=(
         "Log level of every process (`DEBUG`, `INFO`, `WARNING`, ...)."))
@@ -232,9 +234,9 @@ class Settings(BaseSettings):
 
     # `inferq run`'s supervision of the processes it started
     restart_limit: int = Field(5, ge=0, description=(
-        "`inferq run` restarts a process (worker, API, Flower, GPU exporter, its private Redis) that "
-        "dies; one that dies more than this many times within `RESTART_WINDOW` stops the whole run "
-        '(non-zero exit). 0 = never restart. See docs/operations.md, "Supervision".'))
+        "`inferq run` restarts a process (worker, API, coordinator, Flower, GPU exporter, its private "
+        "Redis) that dies; one that dies more than this many times within `RESTART_WINDOW` stops the "
+        'whole run (non-zero exit). 0 = never restart. See docs/operations.md, "Supervision".'))
     restart_window: float = Field(300.0, gt=0, description=(
         "Seconds within which `RESTART_LIMIT` counts a process's deaths."))
     restart_backoff: float = Field(1.0, gt=0, description=(

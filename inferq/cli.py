@@ -1,4 +1,4 @@
-"""``inferq``: run everything, or one part (api, worker, flower), and prepare models.
+"""``inferq``: run everything, or one part (api, coordinator, worker, flower), and prepare models.
 
 Subcommands are loaded lazily by name, so ``inferq worker`` never imports the
 API and ``inferq api`` never imports vLLM.
@@ -18,6 +18,7 @@ from config import Settings, get_settings
 
 LAZY_COMMANDS = {
     "api": "api.cli:api",
+    "coordinator": "api.cli:coordinator",
     "worker": "workers.cli:worker",
     "prepare-model": "workers.cli:prepare_model",
     "download-model": "workers.cli:download_model",

@@ -31,7 +31,7 @@ from typing import IO, Any, TypeVar
 import httpx
 import redis
 
-from queueing import liveness
+from queueing import keys, liveness
 from queueing.connections import tls_options
 
 #: How often :func:`wait_for` asks, in seconds.
@@ -125,6 +125,24 @@ def inferq_argv(*args: str) -> list[str]:
 def api_argv(port: int, *args: str, workers: int = 1) -> list[str]:
     """``inferq api`` on 127.0.0.1:``port`` with ``workers`` gunicorn workers, then ``args``."""
     return inferq_argv("api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), *args)
+
+
+def coordinator_argv(*args: str) -> list[str]:
+    """``inferq coordinator`` (the API's background work), then ``args``."""
+    return inferq_argv("coordinator", *args)
+
+
+def coordinator_ready(redis_url: str) -> Callable[[], bool]:
+    """A readiness check: a coordinator has made its consumer groups on ``redis_url``."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def ready() -> bool:
+        try:
+            groups = client.xinfo_groups(keys.BATCH_LINES_STREAM)
+            return any(group["name"] == keys.BATCH_COLLECTOR_GROUP for group in groups)
+        except redis.ResponseError:  # no stream yet
+            return False
+    return ready
 
 
 def worker_live(redis_url: str, model: str) -> Callable[[], bool]:

@@ -41,7 +41,7 @@ from workers.model_prep import (
 
 console = Console(stderr=True)
 
-PROCESSES = ("worker", "api", "flower", "gpu-monitor")
+PROCESSES = ("worker", "api", "coordinator", "flower", "gpu-monitor")
 # Seconds beyond API_GRACEFUL_TIMEOUT that processes get to stop before SIGKILL
 # (Celery's warm shutdown, the worker's engine shutdown).
 STOP_MARGIN = 15

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlsplit
@@ -108,6 +109,15 @@ def queues(client: redis.Redis, models: set[str]) -> list[dict[str, Any]]:
             for i, model in enumerate(names)]
 
 
+def coordinators(client: redis.Redis) -> dict[str, Any]:
+    """Live coordinators (each beats about once a second) and the entries waiting in the usage and
+    batch-lines streams."""
+    live = client.zrangebyscore(keys.COORDINATORS, time.time(), "+inf")
+    return {"live": sorted(str(name) for name in live),
+            "usage_backlog": int(client.xlen(keys.USAGE_STREAM)),
+            "batch_lines_backlog": int(client.xlen(keys.BATCH_LINES_STREAM))}
+
+
 def known_models(client: redis.Redis, settings: Settings, live: list[dict[str, Any]]) -> set[str]:
     """The default model, the live workers' models, and every model a worker has served here."""
     return {settings.served_model_name, *(w["model"] for w in live), *client.hkeys(keys.MODEL_CARDS)}
@@ -169,13 +179,15 @@ def collect(settings: Settings, api_url: str, flower_url: str) -> dict[str, Any]
     api, ready = endpoint("api", api_url, "/health"), endpoint("api-ready", api_url, "/ready")
     api["ready"] = ready["status"]
     report: dict[str, Any] = {
-        "workers": [], "queues": [], "jobs": None, "batches": batches(settings), "gpus": gpus(),
+        "workers": [], "coordinators": None, "queues": [], "jobs": None, "batches": batches(settings),
+        "gpus": gpus(),
         "endpoints": [api, endpoint("flower", flower_url, "/healthcheck")],
     }
     client = redis_for_status(settings)
     try:
         report["redis"] = redis_state(client, location(settings, client))
         report["workers"] = workers(client)
+        report["coordinators"] = coordinators(client)
         report["queues"] = queues(client, known_models(client, settings, report["workers"]))
         report["jobs"] = {"running": int(client.hlen(keys.RUNNING_JOBS)),
                           "queued": sum(q["interactive"] + q["batch"] for q in report["queues"])}

@@ -41,6 +41,16 @@ def workers_table(workers: list[dict[str, Any]]) -> Table | str:
     return table
 
 
+def coordinators_line(state: dict[str, Any] | None) -> str:
+    if state is None:
+        return "Coordinators: unknown (Redis unreachable)"
+    backlog = (f"usage entries waiting {state['usage_backlog']}, batch lines waiting "
+               f"{state['batch_lines_backlog']}")
+    if not state["live"]:
+        return f"Coordinators: [red]none live[/] (`inferq coordinator`): batches and usage wait; {backlog}"
+    return f"Coordinators: {len(state['live'])} live ({escape(', '.join(state['live']))}); {backlog}"
+
+
 def queues_table(queues: list[dict[str, Any]], jobs: dict[str, int] | None) -> Table | str:
     if jobs is None:
         return "Queues: unknown (Redis unreachable)"
@@ -99,6 +109,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     for part in (workers_table(report["workers"]), queues_table(report["queues"], report["jobs"]),
                  batches_table(report["batches"]), gpus_table(report["gpus"])):
         console.print(part, highlight=False, markup=False, soft_wrap=isinstance(part, str))
+    console.print(coordinators_line(report.get("coordinators")), highlight=False, soft_wrap=True)
     console.print(redis_line(report["redis"]), highlight=False, soft_wrap=True)
     for e in report["endpoints"]:
         console.print(endpoint_line(e), highlight=False, soft_wrap=True)

@@ -255,7 +255,8 @@ end
 return {1, used, reserved}
 """
 
-# KEYS[1] job hash, KEYS[2] channel or '', KEYS[3] usage stream, KEYS[4] running index.
+# KEYS[1] job hash, KEYS[2] channel or '', KEYS[3] usage stream, KEYS[4] running index,
+# KEYS[5] batch-lines stream (a batch line's entry goes there too, for the batch collector).
 # ARGV: target, ttl, message, settle ('1' for terminal targets), job id, running-index
 # entry ('' = none), n_sources, sources..., field/value pairs.
 # Settling moves the job's reserved tokens to 'used' in its quota counter (if that
@@ -294,9 +295,13 @@ if ARGV[4] == '1' then
       redis.call('HINCRBY', f[2], 'used', prompt + completion)
     end
     redis.call('HSET', KEYS[1], '$reserved_tokens', 0)
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000000, '*', 'job_id', f[8], 'key_id', f[1],
-               'model', cjson.decode(f[7]).model, 'day', f[4] or '', 'prompt_tokens', prompt,
-               'completion_tokens', completion, 'status', ARGV[1], 'batch_id', f[9] or '')
+    local entry = {'job_id', f[8], 'key_id', f[1], 'model', cjson.decode(f[7]).model, 'day', f[4] or '',
+                   'prompt_tokens', prompt, 'completion_tokens', completion, 'status', ARGV[1],
+                   'batch_id', f[9] or ''}
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000000, '*', unpack(entry))
+    if f[9] and f[9] ~= '' then
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000000, '*', unpack(entry))
+    end
   end
 end
 if KEYS[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[3]) end
@@ -382,7 +387,7 @@ def transition(
         running_entry = keys.running_entry(model, str(fields["worker"]))
     script = client.register_script(_TRANSITION_LUA)
     applied, current = script(
-        keys=[keys.job(job_id), channel, keys.USAGE_STREAM, keys.RUNNING_JOBS],
+        keys=[keys.job(job_id), channel, keys.USAGE_STREAM, keys.RUNNING_JOBS, keys.BATCH_LINES_STREAM],
         args=[target.value, ttl, publish or "", settle, job_id, running_entry, len(sources), *sources,
               *pairs],
     )

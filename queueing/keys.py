@@ -23,8 +23,25 @@ RUNNING_JOBS = f"{PREFIX}:running"
 #: Stream of settled usage (one entry per finished job), drained into the SQL ledger.
 USAGE_STREAM = f"{PREFIX}:usage"
 
-#: Consumer group of the API processes that drain :data:`USAGE_STREAM`.
+#: Consumer group of the coordinators that drain :data:`USAGE_STREAM`.
 USAGE_LEDGER_GROUP = "ledger"
+
+#: Stream of finished batch lines: every terminal transition of a batch job appends the same
+#: entry as to :data:`USAGE_STREAM` here too, for the coordinator's batch collector.
+BATCH_LINES_STREAM = f"{PREFIX}:batch-lines"
+
+#: Consumer group of the coordinators that collect :data:`BATCH_LINES_STREAM`.
+BATCH_COLLECTOR_GROUP = "collector"
+
+#: Stream of batch-line entries the collector could not record, each with why.
+BATCH_LINES_DEAD_LETTERS = f"{PREFIX}:batch-lines:dead"
+
+#: List the API pushes a batch id to when a batch needs its coordinator now (created,
+#: cancelled); a coordinator blocks on it between its periodic passes.
+BATCH_WAKE = f"{PREFIX}:batch-wake"
+
+#: Sorted set of live coordinators; member ``host-pid``, score = heartbeat expiry (for ``inferq status``).
+COORDINATORS = f"{PREFIX}:coordinators"
 
 #: Stream of usage entries the ledger could not write (or whose hooks failed on them): each
 #: is set aside here with why, acknowledged, and no longer blocks the drain.
@@ -75,7 +92,7 @@ def worker_info(model: str, worker_id: str) -> str:
 
 
 def batch_dispatcher(batch_id: str) -> str:
-    """Lease held (with a short expiry, renewed) by the API process dispatching a batch's lines."""
+    """Lease held (with a short expiry, renewed) by the coordinator dispatching a batch's lines."""
     return f"{PREFIX}:batch:{batch_id}:dispatcher"
 
 

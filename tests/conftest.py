@@ -20,7 +20,15 @@ import pytest
 import redis
 
 from inferq import launcher
-from inferq.launcher import api_argv, http_ok, inferq_argv, started, worker_live
+from inferq.launcher import (
+    api_argv,
+    coordinator_argv,
+    coordinator_ready,
+    http_ok,
+    inferq_argv,
+    started,
+    worker_live,
+)
 from inferq.launcher import free_port as free_port  # tests import it from here
 from inferq.launcher import wait_for as wait_for  # tests import it from here
 
@@ -118,6 +126,13 @@ def start_api(redis_url: str, tmp: Path, **extra: str) -> tuple[Process, str]:
     return started(api, http_ok(f"{base}/health"), 30, "API"), base
 
 
+def start_coordinator(redis_url: str, tmp: Path, **extra: str) -> Process:
+    """``inferq coordinator`` (usage ledger, batch collection and dispatch) beside an API of ``tmp``."""
+    env = base_env(redis_url, tmp, **{"COORDINATOR_METRICS_PORT": "0", "COORDINATOR_INTERVAL": "1", **extra})
+    coordinator = Process(coordinator_argv(), env, tmp / f"coordinator-{free_port()}.log")
+    return started(coordinator, coordinator_ready(redis_url), 30, "coordinator")
+
+
 @pytest.fixture(scope="session")
 def scripted_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     """A real Celery worker process hosting the scripted engine (test double)."""
@@ -137,7 +152,10 @@ def real_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     worker = start_worker(redis_url, tmp, REAL_MODEL, 300, WORKER_METRICS_PORT=str(metrics_port),
                           **{k: v for k, v in REAL_WORKER_ENV.items() if k != "SERVED_MODEL_NAME"})
     api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL, FILES_DIR=str(tmp / "files"))
+    coordinator = start_coordinator(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL,
+                                    FILES_DIR=str(tmp / "files"))
     yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    coordinator.stop()
     api.stop()
     worker.stop(60)
 
@@ -148,7 +166,9 @@ def two_apis(redis_url: str, scripted_worker: Process, tmp_path_factory: pytest.
     """Two gunicorn API servers sharing Redis and one SQLite database."""
     tmp = tmp_path_factory.mktemp("two-apis")
     procs = [start_api(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL) for _ in range(2)]
+    coordinator = start_coordinator(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL)
     yield tmp, [base for _, base in procs]
+    coordinator.stop()
     for proc, _ in procs:
         proc.stop()
 
@@ -163,7 +183,6 @@ def app_config(redis_url: str, tmp_path: Path) -> dict[str, Any]:
         "queue_timeout": 10.0,
         "idle_timeout": 5.0,
         "files_dir": str(tmp_path / "files"),
-        "ledger_drain": False,  # GET /v1/usage drains synchronously
         "auth_failure_limit": "1000/minute",  # tests share 127.0.0.1; test_ratelimit lowers it
     }
 
@@ -175,6 +194,27 @@ def app(app_config: dict[str, Any]) -> Any:
     flask_app = create_app(app_config)
     flask_app.config["TESTING"] = True
     return flask_app
+
+
+@contextmanager
+def coordinating(app: Any, interval: float = 0.5) -> Iterator[Any]:
+    """The app's background work on threads of this process while the block runs, as
+    ``inferq coordinator`` runs it (a pass over the batches every ``interval`` seconds)."""
+    from api.coordinator import Coordinator
+
+    background = Coordinator(app.extensions["inferq"], interval=interval)
+    background.start()
+    try:
+        yield background
+    finally:
+        background.stop()
+
+
+@pytest.fixture
+def coordinator(app: Any) -> Iterator[Any]:
+    """:func:`coordinating` the test's app for the whole test."""
+    with coordinating(app) as background:
+        yield background
 
 
 @pytest.fixture

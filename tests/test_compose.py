@@ -94,8 +94,8 @@ ALERTS = frozenset({
     "ErrorRatioHigh", "GPUMemoryLow", "GPUTemperatureHigh", "GPUECCErrors", "WorkerDown", "TargetDown",
     "LedgerDeadLetters",
 })
-SERVICES = frozenset({"redis", "postgres", "api", "worker", "flower", "gpu-monitor", "redis-exporter",
-                      "prometheus", "grafana", "loki", "alloy", "jaeger"})
+SERVICES = frozenset({"redis", "postgres", "api", "coordinator", "worker", "flower", "gpu-monitor",
+                      "redis-exporter", "prometheus", "grafana", "loki", "alloy", "jaeger"})
 # Grafana's variables, replaced by a value Prometheus accepts when an expression is evaluated.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 
@@ -384,7 +384,8 @@ def test_every_inferq_command_is_a_real_subcommand() -> None:
     commands = [(where, argv) for where, argv in service_commands() + dockerfile_cmds()
                 if argv[0] == "inferq"]
     used = {where: resolve_inferq_command(argv[1:]).name for where, argv in commands}
-    assert used == {"migrate": "upgrade", "api": "api", "worker": "worker", "worker-tp": "worker",
+    assert used == {"migrate": "upgrade", "api": "api", "coordinator": "coordinator", "worker": "worker",
+                    "worker-tp": "worker",
                     "flower": "flower", "gpu-monitor": "gpu-monitor",
                     "Dockerfile.api": "api", "Dockerfile.worker": "worker"}
 
@@ -428,9 +429,9 @@ def test_prometheus_scrapes_the_compose_services() -> None:
     services = compose()["services"]
     jobs = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
             for job in config["scrape_configs"]}
-    assert {"api", "worker", "gpu-monitor", "flower", "redis"} <= set(jobs)
-    expected_ports = {"api": "8020", "worker": "9200", "gpu-monitor": "9101", "flower": "5555",
-                      "redis": "9121"}
+    assert {"api", "coordinator", "worker", "gpu-monitor", "flower", "redis"} <= set(jobs)
+    expected_ports = {"api": "8020", "coordinator": "9102", "worker": "9200", "gpu-monitor": "9101",
+                      "flower": "5555", "redis": "9121"}
     for job, port in expected_ports.items():
         for target in jobs[job]:
             host, _, target_port = target.partition(":")

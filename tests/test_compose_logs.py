@@ -175,7 +175,7 @@ def test_api_and_workers_send_their_traces_to_jaegers_otlp_http_port() -> None:
     """config/tracing.py exports over OTLP/HTTP, whose port is 4318 (4317 is gRPC)."""
     assert "opentelemetry.exporter.otlp.proto.http" in (ROOT / "config" / "tracing.py").read_text()
     services = deployed()["services"]
-    for name in ("api", "worker", "worker-tp"):
+    for name in ("api", "coordinator", "worker", "worker-tp"):
         assert environment(services[name])["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name
     jaeger = services["jaeger"]
     assert {p.rsplit(":", 1)[1] for p in jaeger["ports"]} == {"16686", "4318"}

@@ -150,7 +150,7 @@ def test_redis_requires_a_password_and_every_client_has_it() -> None:
     assert "PONG" in " ".join(redis_service["healthcheck"]["test"]), "redis-cli exits 0 on NOAUTH"
     assert environment(services["redis-exporter"])["REDIS_PASSWORD"] == password
     clients = {name for name, service in services.items() if "REDIS_URL" in environment(service)}
-    assert {"api", "migrate", "worker", "worker-tp", "flower", "gpu-monitor"} <= clients
+    assert {"api", "coordinator", "migrate", "worker", "worker-tp", "flower", "gpu-monitor"} <= clients
     for name in clients:
         url = urlsplit(environment(services[name])["REDIS_URL"])
         assert (url.hostname, url.password) == ("redis", password), name

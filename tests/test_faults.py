@@ -177,13 +177,17 @@ def test_a_killed_workers_jobs_run_again_on_another_worker(redis_url, app_config
 def test_a_batch_survives_a_killed_worker_with_every_line_once(redis_url, app_config, auth, redis_client,
                                                                tmp_path):
     from api import create_app
+    from api.coordinator import Coordinator
     from tests.test_batches import upload
     from tests.test_batches import wait_for as wait_for_batch
 
     model = "relay-batch-model"
     first = _worker(redis_url, tmp_path, "a", model, MAX_NUM_SEQS="8")
     second = None
-    client = create_app({**app_config, "served_model_name": model}).test_client()
+    app = create_app({**app_config, "served_model_name": model})
+    client = app.test_client()
+    coordinator = Coordinator(app.extensions["inferq"], interval=0.5)  # dispatches and collects the batch
+    coordinator.start()
     lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": model, "max_tokens": 10,
                        "messages": [{"role": "user", "content": f"[[delay=0.1]] {i}"}]}} for i in range(12)]
@@ -196,6 +200,7 @@ def test_a_batch_survives_a_killed_worker_with_every_line_once(redis_url, app_co
         first.proc.send_signal(signal.SIGKILL)
         done = wait_for_batch(client, auth, batch["id"], ("completed", "failed"), timeout=60)
     finally:
+        coordinator.stop()
         first.stop()
         if second is not None:
             second.stop()
@@ -214,13 +219,17 @@ def test_sigterm_with_batch_lines_in_flight_finishes_them_and_leaves_the_rest_qu
     them; the lines it never took stay on the queue for the next worker. None lost, none run twice."""
     from api import create_app
     from api.batches.lines import line_job_id
+    from api.coordinator import Coordinator
     from tests.test_batches import upload
     from tests.test_batches import wait_for as wait_for_batch
 
     model = "draining-batch-model"
     first = _worker(redis_url, tmp_path, "a", model, MAX_NUM_SEQS="4")  # 2 batch slots (BATCH_SHARE 0.5)
     second = None
-    client = create_app({**app_config, "served_model_name": model}).test_client()
+    app = create_app({**app_config, "served_model_name": model})
+    client = app.test_client()
+    coordinator = Coordinator(app.extensions["inferq"], interval=0.5)  # dispatches and collects the batch
+    coordinator.start()
     lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": model, "max_tokens": 10,
                        "messages": [{"role": "user", "content": f"[[delay=0.1]] {i}"}]}} for i in range(6)]
@@ -250,6 +259,7 @@ def test_sigterm_with_batch_lines_in_flight_finishes_them_and_leaves_the_rest_qu
         second = _worker(redis_url, tmp_path, "b", model, MAX_NUM_SEQS="4")
         done = wait_for_batch(client, auth, batch["id"], ("completed", "failed"), timeout=60)
     finally:
+        coordinator.stop()
         first.stop()
         if second is not None:
             second.stop()

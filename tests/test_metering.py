@@ -27,8 +27,9 @@ def chat(text: str, **extra):
     return {"model": SCRIPTED_MODEL, "messages": [{"role": "user", "content": text}], **extra}
 
 
-def test_usage_equals_the_sum_of_returned_usage(client, app_config):
-    """Buffered, streamed, /v1/jobs and /v1/batches usage all land in /v1/usage, exactly."""
+def test_usage_equals_the_sum_of_returned_usage(client, app_config, coordinator):
+    """Buffered, streamed, /v1/jobs and /v1/batches usage all land in /v1/usage, exactly
+    (a coordinator dispatches and collects the batch)."""
     key, key_id = add_key(app_config["database_url"])
     headers = {"Authorization": f"Bearer {key}"}
     returned = []

@@ -39,6 +39,7 @@ from tests.conftest import (
     Process,
     add_key,
     base_env,
+    coordinating,
     redis_server,
     start_worker,
     wait_for,
@@ -347,7 +348,6 @@ def wait_for_batch(client: Any, key: str, batch_id: str, statuses: tuple[str, ..
                    timeout: float = 30) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        client.get("/v1/usage", headers=bearer(key))  # drains finished lines (no background drain in tests)
         batch = client.get(f"/v1/batches/{batch_id}", headers=bearer(key)).json
         if batch["status"] in statuses:
             return batch
@@ -373,7 +373,15 @@ def test_batch_dispatch_waits_for_the_keys_lines_in_flight(app_config: dict[str,
     app = create_app({**app_config, "key_max_batch_lines_in_flight": 2})
     client = app.test_client()
     key, _ = add_key(app_config["database_url"])
-    batch_id = create_batch(client, key, jsonl_file(8, max_tokens=3, text="[[delay=0.1]] go"))
+    with coordinating(app):
+        batch_id = create_batch(client, key, jsonl_file(8, max_tokens=3, text="[[delay=0.1]] go"))
+        batch, most = watch_lines_in_flight(client, key, batch_id, redis_client)
+    assert batch["request_counts"] == {"total": 8, "completed": 8, "failed": 0}  # paced, never failed
+    assert 1 <= most <= 2  # before the cap, all 8 ran at once
+
+
+def watch_lines_in_flight(client: Any, key: str, batch_id: str, redis_client: Any) -> tuple[Any, int]:
+    """The batch once completed, and the most of its lines queued or running at once."""
     most, done = 0, threading.Event()
 
     def watch() -> None:  # the lines queued or running, as the worker sees them
@@ -390,15 +398,14 @@ def test_batch_dispatch_waits_for_the_keys_lines_in_flight(app_config: dict[str,
     finally:
         done.set()
         watcher.join()
-    assert batch["request_counts"] == {"total": 8, "completed": 8, "failed": 0}  # paced, never failed
-    assert 1 <= most <= 2  # before the cap, all 8 ran at once
+    return batch, most
 
 
 @pytest.fixture
 def own_redis_and_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A redis-server and a scripted worker of this test's own: no API process of the session
-    (they drain the usage stream of the session's Redis into their own databases) takes the
-    usage entries that finish this test's batch lines."""
+    """A redis-server and a scripted worker of this test's own: no coordinator of the session
+    (they drain the usage and batch-line streams of the session's Redis into their own databases)
+    takes the entries that finish this test's batch lines."""
     tmp = tmp_path_factory.mktemp("caps-own-redis")
     with redis_server(tmp) as url:
         worker = start_worker(url, tmp, SCRIPTED_MODEL, 60, ENGINE="scripted", MAX_NUM_SEQS="32")
@@ -421,20 +428,21 @@ def test_batch_lines_take_a_per_minute_token_charge_of_their_own(app_config: dic
     big = {"custom_id": "big", "method": "POST", "url": CHAT,
            "body": chat_body(SCRIPTED_MODEL, "hi", 2000)}  # more than a whole minute's budget
     content = json.dumps(big).encode() + b"\n" + jsonl_file(3)
-    batch_id = create_batch(client, key, content)
-    time.sleep(2.0)
-    # The big line failed at once (it never fits); two small lines ran; the third waits, unfailed.
-    statuses = line_statuses(redis_client, batch_id, 4)
-    assert statuses[0] is None and statuses[3] is None, statuses
-    assert statuses[1] is not None and statuses[2] is not None, statuses
-    batch = wait_for_batch(client, key, batch_id, ("in_progress",))
-    assert batch["request_counts"]["failed"] == 1
-    # The key's interactive budget is its own: a chat of the same worst case still fits.
-    chat = client.post("/v1/chat/completions", headers=bearer(key), json=small)
-    assert chat.status_code == 200, chat.json
-    assert int(chat.headers["x-ratelimit-remaining-tokens"]) == tpm - worst
-    assert client.post(f"/v1/batches/{batch_id}/cancel", headers=bearer(key)).status_code == 200
-    # Its dispatcher looks every OPEN_CHECK_SECONDS; its lines settle behind the session's other work.
-    batch = wait_for_batch(client, key, batch_id, ("cancelled",), timeout=120)
-    assert line_statuses(redis_client, batch_id, 4)[3] is None  # the waiting line never ran
+    with coordinating(app):
+        batch_id = create_batch(client, key, content)
+        time.sleep(2.0)
+        # The big line failed at once (it never fits); two small lines ran; the third waits, unfailed.
+        statuses = line_statuses(redis_client, batch_id, 4)
+        assert statuses[0] is None and statuses[3] is None, statuses
+        assert statuses[1] is not None and statuses[2] is not None, statuses
+        batch = wait_for_batch(client, key, batch_id, ("in_progress",))
+        assert batch["request_counts"]["failed"] == 1
+        # The key's interactive budget is its own: a chat of the same worst case still fits.
+        chat = client.post("/v1/chat/completions", headers=bearer(key), json=small)
+        assert chat.status_code == 200, chat.json
+        assert int(chat.headers["x-ratelimit-remaining-tokens"]) == tpm - worst
+        assert client.post(f"/v1/batches/{batch_id}/cancel", headers=bearer(key)).status_code == 200
+        # Its dispatcher looks every OPEN_CHECK_SECONDS; its lines settle behind the session's other work.
+        batch = wait_for_batch(client, key, batch_id, ("cancelled",), timeout=120)
+        assert line_statuses(redis_client, batch_id, 4)[3] is None  # the waiting line never ran
     assert batch["request_counts"]["completed"] == 2

@@ -122,8 +122,8 @@ def entry(key_id: str, **fields: str) -> dict[str, str]:
             "prompt_tokens": "3", "completion_tokens": "4", "status": "succeeded", "batch_id": "", **fields}
 
 
-def dead_letters(client: Any) -> list[dict[str, str]]:
-    return [fields for _, fields in client.xrange(keys.USAGE_DEAD_LETTERS)]
+def dead_letters(client: Any, stream: str = keys.USAGE_DEAD_LETTERS) -> list[dict[str, str]]:
+    return [fields for _, fields in client.xrange(stream)]
 
 
 def counted(stage: str) -> float:
@@ -135,17 +135,20 @@ def counted(stage: str) -> float:
     return 0.0
 
 
-def settled(client: Any) -> None:
-    """The usage stream is empty and nothing is pending: every entry was written or set aside."""
-    assert client.xlen(keys.USAGE_STREAM) == 0
-    assert client.xpending(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP)["pending"] == 0
+def settled(client: Any, stream: str = keys.USAGE_STREAM, group: str = keys.USAGE_LEDGER_GROUP) -> None:
+    """The stream is empty and nothing is pending: every entry was written or set aside."""
+    assert client.xlen(stream) == 0
+    assert client.xpending(stream, group)["pending"] == 0
+
+
+STREAMS = (keys.USAGE_STREAM, keys.USAGE_DEAD_LETTERS, keys.BATCH_LINES_STREAM, keys.BATCH_LINES_DEAD_LETTERS)
 
 
 @pytest.fixture
 def fresh_streams(redis_client: Any) -> Any:
-    redis_client.delete(keys.USAGE_STREAM, keys.USAGE_DEAD_LETTERS)
+    redis_client.delete(*STREAMS)
     yield redis_client
-    redis_client.delete(keys.USAGE_STREAM, keys.USAGE_DEAD_LETTERS)
+    redis_client.delete(*STREAMS)
 
 
 def test_poisoned_usage_entries_are_set_aside_and_the_rest_written(database: Database,
@@ -214,10 +217,11 @@ def test_batch_lines_postgresql_cannot_record_do_not_block_the_others(
         database_url: str, app_config: dict[str, Any], fresh_streams: Any) -> None:
     """The issue's scenario: batch lines whose custom_id is over 200 characters or holds NUL
     (as files uploaded before the limits may have) make the batch collector's insert fail on
-    PostgreSQL; they go to the dead letter and every other line of the drain is recorded."""
+    PostgreSQL; they go to the collector's dead letter and every other line of the drain is
+    recorded. The usage ledger, which drains the same lines' usage, is not held up by them."""
     app = create_app({**app_config, "database_url": database_url})
     services = app.extensions["inferq"]
-    ledger, db = services.ledger, services.db
+    ledger, collector, db = services.ledger, services.batches.collector, services.db
     client, key_id = fresh_streams, f"key_{jobs.new_job_id()}"
     batch_id = f"batch_{jobs.new_job_id()[:12]}"
     BatchStore(db).add(Batch(
@@ -227,16 +231,19 @@ def test_batch_lines_postgresql_cannot_record_do_not_block_the_others(
         expires_at=now() + 86400))
     ids = ["ok-1", "x" * 300, "nul\x00id", "ok-2"]
     job_ids = [batch_line_job(client, batch_id, custom_id, n, key_id) for n, custom_id in enumerate(ids, 1)]
-    before = counted("hook")
+    before = counted("collect")
     assert ledger.drain() == 4  # all four are in the usage ledger: their usage fits
+    assert dead_letters(client) == []
+    settled(client)
+    assert collector.drain() == 4
     with db.sessions() as session:
         recorded = set(session.scalars(select(BatchResult.custom_id).where(BatchResult.batch_id == batch_id)))
         batch = session.get(Batch, batch_id)
         assert batch is not None and batch.failed == 2  # the two good lines (cancelled: failed lines)
     assert recorded == {"ok-1", "ok-2"}
-    dead = dead_letters(client)
+    dead = dead_letters(client, keys.BATCH_LINES_DEAD_LETTERS)
     assert sorted(d["job_id"] for d in dead) == sorted(job_ids[1:3])
-    assert {d["stage"] for d in dead} == {"hook"}
+    assert {d["stage"] for d in dead} == {"collect"}
     assert all("DataError" in d["reason"] for d in dead)
-    assert counted("hook") - before == 2
-    settled(client)
+    assert counted("collect") - before == 2
+    settled(client, keys.BATCH_LINES_STREAM, keys.BATCH_COLLECTOR_GROUP)

@@ -23,7 +23,16 @@ import redis
 from api.accounts.auth import bootstrap_id, hash_key
 from api.accounts.keys import PlaceholderKeys
 from queueing import keys, liveness
-from tests.conftest import ROOT, TEST_KEY, add_key, base_env, redis_server, start_api, start_worker
+from tests.conftest import (
+    ROOT,
+    TEST_KEY,
+    add_key,
+    base_env,
+    redis_server,
+    start_api,
+    start_coordinator,
+    start_worker,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,19 +43,22 @@ LONG = 1500  # tokens: 75 s at the scripted pace, far past the test
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """This module's own redis-server: no session API process drains the usage entries that
-    settle this module's batch lines into a database of its own (the batch then never ends)."""
+    """This module's own redis-server: no session coordinator collects the entries that settle
+    this module's batch lines into a database of its own (the batch then never ends)."""
     with redis_server(tmp_path_factory.mktemp("revocation-redis")) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A slow scripted worker for MODEL (6 interactive Celery slots, 1 batch slot) and one API."""
+    """A slow scripted worker for MODEL (6 interactive Celery slots, 1 batch slot), one API and
+    its coordinator."""
     tmp = tmp_path_factory.mktemp("revocation")
     worker = start_worker(redis_url, tmp, MODEL, 60, **SLOW)
     api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=MODEL, FILES_DIR=str(tmp / "files"))
+    coordinator = start_coordinator(redis_url, tmp, SERVED_MODEL_NAME=MODEL, FILES_DIR=str(tmp / "files"))
     yield {"base": base, "tmp": tmp, "database_url": f"sqlite:///{tmp / 'inferq.db'}"}
+    coordinator.stop()
     api.stop()
     worker.stop()
 

@@ -39,7 +39,8 @@ def test_defaults_are_read_from_the_model():
     table = reference.settings_table()
     assert "| `REDIS_URL` | `redis://127.0.0.1:6379/0` |" in table
     assert "| `API_KEYS` | (empty) |" in table
-    assert "| `LEDGER_DRAIN` | `true` |" in table
+    assert "| `WORKER_TASK_EVENTS` | `false` |" in table
+    assert "| `COORDINATOR_INTERVAL` | `10` |" in table
     assert "| `GPU_MONITOR_INTERVAL` | `5` |" in table
 
 

@@ -133,6 +133,7 @@ def _run_env(tmp_path: Path, api_port: int) -> dict[str, str]:
         "API_GRACEFUL_TIMEOUT": str(GRACEFUL),
         "FLOWER_PORT": str(free_port()),
         "WORKER_METRICS_PORT": "0",
+        "COORDINATOR_METRICS_PORT": "0",
         "GPU_MONITOR_PORT": str(free_port()),
         "WORKER_HEARTBEAT_INTERVAL": "1",
         "WORKER_HEARTBEAT_TTL": "3",
@@ -183,11 +184,11 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
     assert frames(received)[-1] == "[DONE]", received
     assert content(received) == " ".join(f"tok{i}" for i in range(tokens)), received
     sessions = {int(pid) for pid in re.findall(r"started \(pid[= ](\d+)", output)}
-    assert len(sessions) == 5, output  # redis-server and the Procfile's four processes
+    assert len(sessions) == 6, output  # redis-server and the Procfile's five processes
     assert live_sessions(sessions) == [], output
     assert run.returncode == 130, output  # honcho's code for SIGINT
     assert stopped_in < GRACEFUL + STOP_MARGIN, output
-    assert output.count("stopped (rc=0)") == 4, output  # each exited by itself, not by a signal
+    assert output.count("stopped (rc=0)") == 5, output  # each exited by itself, not by a signal
     assert "SIGKILL" not in output, output
     assert "Traceback" not in output, output
     assert "Connection refused" not in output, output
@@ -215,7 +216,7 @@ def test_inferq_stop_stops_a_stack_started_elsewhere(tmp_path: Path) -> None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
     output = log_path.read_text(errors="replace")
-    assert output.count("stopped (rc=0)") == 4, output  # each exited by itself, not by a signal
+    assert output.count("stopped (rc=0)") == 5, output  # each exited by itself, not by a signal
     assert "SIGKILL" not in output and "Traceback" not in output, output
     again = subprocess.run(stop, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "nothing is running" in again.stderr, again.stderr

@@ -170,6 +170,7 @@ def test_status_of_a_running_scripted_stack(tmp_path: Path) -> None:
     assert isinstance(queue["interactive"], int) and isinstance(queue["batch"], int), queue
     assert report["jobs"]["running"] == 1 and isinstance(report["jobs"]["queued"], int), report["jobs"]
     assert report["batches"] == {"readable": True, "in_progress": []}, report["batches"]
+    assert len(report["coordinators"]["live"]) == 1, report["coordinators"]  # inferq run's coordinator
     assert report["redis"]["reachable"] and report["redis"]["used_memory"] > 0, report["redis"]
     api, flower_state = report["endpoints"]
     assert (api["answers"], api["status"], api["ready"]) == (True, 200, 200), api
@@ -193,7 +194,8 @@ def test_status_without_a_live_worker_exits_non_zero(tmp_path: Path) -> None:
         server.terminate()
         server.wait(10)
     assert screen.returncode == 1 and "no live worker" in screen.stderr, screen
-    for text in ("Workers: none live", "not answering", "Batches: no database yet", "GPUs:"):
+    for text in ("Workers: none live", "Coordinators: none live", "not answering", "Batches: no database yet",
+                 "GPUs:"):
         assert text in screen.stdout, screen.stdout
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["workers"] == [], as_json
     assert not (tmp_path / "inferq.db").exists()  # status reads; it never creates a database

@@ -25,7 +25,8 @@ from tests.conftest import SCRIPTED_MODEL, TEST_KEY, free_port, wait_for
 from tests.test_stack import _run_env, _start_run, live_sessions
 
 STARTED = re.compile(r"(\S+) started \(pid=(\d+)\)")
-STAND_INS = "api: exec sleep 60\nflower: exec sleep 60\ngpu-monitor: exec sleep 60\n"
+STAND_INS = ("api: exec sleep 60\ncoordinator: exec sleep 60\nflower: exec sleep 60\n"
+             "gpu-monitor: exec sleep 60\n")
 
 
 def started(log_path: Path, name: str) -> list[int]:
@@ -101,7 +102,7 @@ def test_a_killed_worker_is_logged_restarted_and_the_stack_serves_again(tmp_path
     assert len(restarted) == 2 and restarted[0] == worker_pid, output
     assert "restart 1 of 5 within 300 s" in output, output
     assert code == 130, output
-    assert output.count("stopped (rc=0)") == 4, output  # the new worker stopped cleanly too
+    assert output.count("stopped (rc=0)") == 5, output  # the new worker stopped cleanly too
     assert live_sessions(all_sessions(log_path)) == [], output
     assert "Traceback" not in output, output
 
@@ -133,7 +134,7 @@ def test_a_process_that_keeps_dying_stops_everything_with_a_clear_message(tmp_pa
     assert ("inferq run gave up: worker died 3 times within 300 s (last: exit status 3), more than "
             "RESTART_LIMIT=2 allows: stopping everything") in output, output
     assert len(started(log_path, "worker")) == 3 and output.count("crashing") == 3, output
-    for name in ("api", "flower", "gpu-monitor"):
+    for name in ("api", "coordinator", "flower", "gpu-monitor"):
         assert f"{name} stopped (rc=-15) by SIGTERM" in output, output
     assert "redis-server stopped last (rc=0)" in output.rsplit("stopped (rc=", 1)[1], output
     assert live_sessions(all_sessions(log_path)) == [], output
@@ -142,7 +143,7 @@ def test_a_process_that_keeps_dying_stops_everything_with_a_clear_message(tmp_pa
 def test_a_private_redis_that_dies_is_restarted(tmp_path: Path) -> None:
     run, log_path, env = _stand_in_run(tmp_path, "exec sleep 60", RESTART_BACKOFF="0.2")
     try:
-        wait_for(lambda: len(all_sessions(log_path)) == 5, 30, "five processes", run)
+        wait_for(lambda: len(all_sessions(log_path)) == 6, 30, "six processes", run)
         [redis_pid] = started(log_path, "redis-server")
         os.kill(redis_pid, signal.SIGKILL)
         wait_in_log(log_path, "redis-server died (exit status -9, SIGKILL): restarting in 0.2 s", 10, run)
@@ -152,7 +153,7 @@ def test_a_private_redis_that_dies_is_restarted(tmp_path: Path) -> None:
         clean_up(run, log_path)
     output = log_path.read_text(errors="replace")
     assert code == 130 and len(started(log_path, "redis-server")) == 2, output
-    assert output.count("stopped (rc=-15) by SIGTERM") == 4, output  # the sleeps
+    assert output.count("stopped (rc=-15) by SIGTERM") == 5, output  # the sleeps
     assert "redis-server stopped last (rc=0)" in output, output
     assert live_sessions(all_sessions(log_path)) == [], output
 
@@ -163,7 +164,7 @@ def test_stopping_during_a_restart_delay_stops_without_restarting(tmp_path: Path
     """``inferq stop`` (SIGTERM) and Ctrl-C (SIGINT) while a dead worker waits for its restart."""
     run, log_path, _ = _stand_in_run(tmp_path, "exec sleep 60", RESTART_BACKOFF="30")
     try:
-        wait_for(lambda: len(all_sessions(log_path)) == 5, 30, "five processes", run)
+        wait_for(lambda: len(all_sessions(log_path)) == 6, 30, "six processes", run)
         os.kill(started(log_path, "worker")[0], signal.SIGKILL)
         wait_in_log(log_path, "worker died (exit status -9, SIGKILL): restarting in 30 s", 10, run)
         began = time.monotonic()

@@ -1,13 +1,14 @@
 """The durable usage ledger: settled usage drained from Redis into SQL, and read back.
 
 Workers (and the API, for jobs cancelled while queued) settle usage inside the
-job's terminal transition, which appends one entry to ``inferq:usage``. Every
-API process drains that stream through one consumer group into the
-``usage_ledger`` table, one row per job id (so a redelivered entry is written
-once), and only then acknowledges it.
+job's terminal transition, which appends one entry to ``inferq:usage``. The
+coordinators (``inferq coordinator``) drain that stream through one consumer group
+(:mod:`queueing.stream_group`) into the ``usage_ledger`` table, one row per job id (so
+a redelivered entry is written once), and only then acknowledge it; /v1/usage drains
+too before it answers.
 
 An entry that can never be written (malformed, over a column's limit, holding NUL, or
-refused by the database or by a drain hook for its own data) is set aside in the dead
+refused by the database for its own data) is set aside in the dead
 letter stream ``inferq:usage:dead`` with why, logged, counted in
 ``inferq_ledger_dead_letters_total`` and acknowledged, so it never holds back the entries
 drained with it. Errors that are not the entry's (the database or Redis unreachable, a full
@@ -18,40 +19,23 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from sqlalchemy import String, func, select
-from sqlalchemy import exc as sql_errors
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from api.db import Database, UsageRecord
+from api.db import Database, UsageRecord, describe, is_entry_fault
 from api.http import metrics
 from queueing import keys
+from queueing.stream_group import DeadLetter, Entry, StreamGroup, drain_forever, each_apart
 
 log = logging.getLogger(__name__)
 
-CLAIM_IDLE_MS = 30_000  # entries a dead consumer read but never acknowledged
-DEAD_LETTER_MAX = 100_000  # entries the dead letter keeps (approximately; the oldest go first)
 MAX_TOKENS = 2**31 - 1  # the INTEGER token columns
-
-Entry = tuple[str, dict[str, str]]
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """An entry set aside: where it failed (``invalid``, ``sql`` or ``hook``) and why."""
-
-    entry: Entry
-    stage: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -106,49 +90,14 @@ def entry_problem(fields: dict[str, str]) -> str | None:
     return None
 
 
-def is_entry_fault(exc: BaseException) -> bool:
-    """Whether ``exc`` lies in the data of the entries being written (writing them again would
-    fail again), rather than in the database, Redis or the disk (worth retrying)."""
-    if isinstance(exc, sql_errors.DataError | sql_errors.IntegrityError):
-        return True
-    if isinstance(exc, sql_errors.DBAPIError):  # connection lost, missing table, server error
-        return False
-    if isinstance(exc, sql_errors.StatementError):  # raised while binding the entry's values
-        return True
-    return isinstance(exc, ValueError | TypeError | KeyError)
-
-
-def describe(exc: BaseException) -> str:
-    """A short account of an error for the log and the dead letter (no SQL, no parameters)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
-
-
 class Ledger:
     """Drains the usage stream into SQL and answers usage questions from SQL."""
 
-    def __init__(self, client: redis.Redis, db: Database,
-                 hooks: Sequence[Callable[[list[Entry]], None]] = ()):
+    def __init__(self, client: redis.Redis, db: Database):
         self.redis = client
         self.db = db
-        #: Called with each drained batch of entries after they are in SQL, before they
-        #: are acknowledged (so a crash in between replays them: hooks must be idempotent).
-        #: A hook that fails on the entries' data is called again with one entry at a time,
-        #: and the entries it still fails on go to the dead letter.
-        self.hooks = tuple(hooks)
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
-        self._group_ready = False
+        self.group = StreamGroup(client, keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP, keys.USAGE_DEAD_LETTERS)
         self._lock = threading.Lock()
-
-    def _ensure_group(self) -> None:
-        if self._group_ready:
-            return
-        try:
-            self.redis.xgroup_create(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
 
     def drain(self, count: int = 500) -> int:
         """Write pending usage entries to SQL; returns how many were written.
@@ -159,42 +108,25 @@ class Ledger:
         for /v1/usage).
         """
         with self._lock:
-            try:
-                entries = self._read(count)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._group_ready = False  # Redis lost the stream and its group: start over
-                entries = self._read(count)
+            entries = self.group.read(count)
             if not entries:
                 return 0
             written, dead = self._write(entries)
             _count_tokens(written)
-            dead += self._run_hooks(written)
-            self._acknowledge(entries, dead)
+            self.group.acknowledge(entries, dead)
+            for letter in dead:
+                metrics.LEDGER_DEAD_LETTERS.labels(letter.stage).inc()
             return len(written)
 
     def catch_up(self, timeout: float = 1.0) -> None:
-        """Drain, then wait (up to ``timeout``) while other API processes still write entries
+        """Drain, then wait (up to ``timeout``) while other processes still write entries
         they have read: /v1/usage then includes every usage settled before it was called."""
         deadline = time.monotonic() + timeout
         while True:
             self.drain()
-            # Only entries a live consumer is writing now: a dead consumer's wait for XAUTOCLAIM.
-            pending: Any = self.redis.xpending_range(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP,
-                                                     min="-", max="+", count=100)
-            busy = [p for p in pending if p["time_since_delivered"] < CLAIM_IDLE_MS]
-            if not busy or time.monotonic() >= deadline:
+            if not self.group.others_busy() or time.monotonic() >= deadline:
                 return
             time.sleep(0.02)
-
-    def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:
-        self._ensure_group()
-        claim: Any = self.redis.xautoclaim(
-            keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP, self.consumer, CLAIM_IDLE_MS, count=count)
-        fresh: Any = self.redis.xreadgroup(keys.USAGE_LEDGER_GROUP, self.consumer,
-                                           {keys.USAGE_STREAM: ">"}, count=count)
-        return list(claim[1] or []) + [e for _, batch in (fresh or []) for e in batch]
 
     def _write(self, entries: list[Entry]) -> tuple[list[Entry], list[DeadLetter]]:
         """Write the entries that can be written; those written, and those set aside."""
@@ -204,68 +136,9 @@ class Ledger:
         good = [entry for entry in entries if id(entry) not in refused]
         if not good:
             return [], dead
-        try:
-            self._insert(good)
-            return good, dead
-        except Exception as exc:
-            if not is_entry_fault(exc):
-                raise
-            log.warning("usage ledger: a drain of %d entries failed (%s); writing them one by one",
-                        len(good), describe(exc))
-        written = []
-        for entry in good:  # which of them does the database refuse?
-            try:
-                self._insert([entry])
-            except Exception as exc:
-                if not is_entry_fault(exc):
-                    raise
-                dead.append(DeadLetter(entry, "sql", describe(exc)))
-            else:
-                written.append(entry)
-        return written, dead
-
-    def _run_hooks(self, entries: list[Entry]) -> list[DeadLetter]:
-        """Run every hook on the written entries; those a hook fails on, for their data."""
-        dead: list[DeadLetter] = []
-        for hook in self.hooks:
-            failed = {id(letter.entry) for letter in dead}
-            todo = [entry for entry in entries if id(entry) not in failed]
-            if not todo:
-                break
-            try:
-                hook(todo)
-                continue
-            except Exception as exc:
-                if not is_entry_fault(exc):
-                    raise
-                log.warning("usage ledger: a hook failed on %d entries (%s); running it on each",
-                            len(todo), describe(exc))
-            for entry in todo:
-                try:
-                    hook([entry])
-                except Exception as exc:
-                    if not is_entry_fault(exc):
-                        raise
-                    dead.append(DeadLetter(entry, "hook", describe(exc)))
-        return dead
-
-    def _acknowledge(self, entries: list[Entry], dead: list[DeadLetter]) -> None:
-        """Set the dead entries aside and acknowledge every entry, in one transaction."""
-        pipe = self.redis.pipeline()
-        for letter in dead:
-            entry_id, fields = letter.entry
-            kept: dict[Any, Any] = {**fields, "entry_id": entry_id, "stage": letter.stage,
-                                    "reason": letter.reason}
-            pipe.xadd(keys.USAGE_DEAD_LETTERS, kept, maxlen=DEAD_LETTER_MAX, approximate=True)
-        ids = [entry_id for entry_id, _ in entries]
-        pipe.xack(keys.USAGE_STREAM, keys.USAGE_LEDGER_GROUP, *ids)
-        pipe.xdel(keys.USAGE_STREAM, *ids)  # in SQL (or set aside) now; the ledger group is the only reader
-        pipe.execute()
-        for letter in dead:
-            entry_id, fields = letter.entry
-            log.error("usage ledger: entry %s (job %r) set aside in %s (%s stage): %s", entry_id,
-                      fields.get("job_id", "")[:80], keys.USAGE_DEAD_LETTERS, letter.stage, letter.reason)
-            metrics.LEDGER_DEAD_LETTERS.labels(letter.stage).inc()
+        dead += each_apart(self._insert, good, "sql", is_entry_fault, describe)
+        failed = {id(letter.entry) for letter in dead}
+        return [entry for entry in good if id(entry) not in failed], dead
 
     def _insert(self, entries: list[Entry]) -> None:
         rows = [
@@ -305,28 +178,6 @@ class Ledger:
             return [UsageRow(day.isoformat(), model, int(n), int(p), int(c))
                     for day, model, n, p, c in result]
 
-    def run_forever(self, stop: threading.Event, interval: float = 1.0, gather: float = 0.25,
-                    count: int = 500) -> None:
-        """Background drain loop (one per API process).
-
-        It polls rather than blocking in XREADGROUP while holding the lock,
-        which would starve ``drain`` callers under gevent. After a drain that was not
-        full it waits ``gather`` seconds, so that under load one SQL transaction takes
-        many entries rather than one each (/v1/usage drains for itself meanwhile).
-        """
-        while not stop.is_set():
-            try:
-                written = self.drain(count)
-                if written == 0:
-                    stop.wait(interval)
-                elif written < count:
-                    stop.wait(gather)
-            except Exception:  # noqa: BLE001 - keep draining after Redis/SQL hiccups
-                log.exception("usage ledger drain failed; retrying")
-                stop.wait(2.0)
-
-    def start_background(self) -> threading.Event:
-        """Start :meth:`run_forever` on a daemon thread; set the returned event to stop it."""
-        stop = threading.Event()
-        threading.Thread(target=self.run_forever, args=(stop,), name="usage-ledger", daemon=True).start()
-        return stop
+    def run_forever(self, stop: threading.Event) -> None:
+        """Drain until ``stop`` is set (the coordinator's usage-ledger thread)."""
+        drain_forever(self.drain, stop, "usage ledger drain")

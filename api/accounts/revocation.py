@@ -4,7 +4,7 @@
 host that reaches SQL and Redis (not necessarily an API host: nothing here touches
 ``FILES_DIR``). Batches take the batch cancel path: an open batch turns ``cancelling``, and
 its dispatched lines are cancelled here when its dispatch is done, else by its dispatcher,
-which stops at its next look at the batch. An API process's collector or resumer ends it
+which stops at its next look at the batch. A coordinator's collector or batch pass ends it
 ``cancelled``, with its output and error files, once its lines have settled. Jobs are swept
 in Redis (:mod:`queueing.revocation`) twice, :data:`SETTLE_SECONDS` apart, for what a request
 authenticated just before the revocation enqueued meanwhile.

@@ -1,15 +1,18 @@
 """Collects a batch's finished lines and ends the batch once the last one is in.
 
-Collection rides on the usage stream: every finished job's terminal transition
-appends an entry naming its batch, and whichever API process drains that entry
-records the line in SQL (once per custom_id), appends it to the batch's output or
-error file (:mod:`api.batches.outputs`), and finalizes the batch after its last line,
-holding the batch's lease (:mod:`api.batches.lease`).
+A batch job's terminal transition appends an entry naming its batch to the batch-lines
+stream (``inferq:batch-lines``). The coordinators drain that stream through their own
+consumer group (:mod:`queueing.stream_group`): whichever reads an entry records the line
+in SQL (once per custom_id), appends it to the batch's output or error file
+(:mod:`api.batches.outputs`), and finalizes the batch after its last line, holding the
+batch's lease (:mod:`api.batches.lease`). An entry it can never record is set aside in
+``inferq:batch-lines:dead`` with why, so it holds back no other line.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 
 import redis
@@ -19,9 +22,12 @@ from api.batches.lines import CANCELLED, EXPIRED, line_result, line_seq, lost_re
 from api.batches.outputs import BatchOutputs
 from api.batches.status import BatchStatus
 from api.batches.store import Batch, BatchStore, LineResult
+from api.db import describe, is_entry_fault
 from api.files.store import FileStore
+from api.http import metrics
 from queueing import keys
 from queueing.jobs import JobRecord, JobStatus
+from queueing.stream_group import Entry, StreamGroup, drain_forever, each_apart
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,7 @@ def ready_to_end(batch: Batch) -> bool:
 
 
 class BatchCollector:
-    """Records finished batch lines and finalizes their batches (for one API process)."""
+    """Records finished batch lines and finalizes their batches (for one coordinator)."""
 
     def __init__(self, store: BatchStore, files: FileStore, outputs: BatchOutputs, lease: BatchLease,
                  client: redis.Redis):
@@ -45,14 +51,35 @@ class BatchCollector:
         self.outputs = outputs
         self.lease = lease
         self.redis = client
+        self.group = StreamGroup(client, keys.BATCH_LINES_STREAM, keys.BATCH_COLLECTOR_GROUP,
+                                 keys.BATCH_LINES_DEAD_LETTERS)
 
     @classmethod
     def for_store(cls, store: BatchStore, files: FileStore, client: redis.Redis) -> BatchCollector:
         """A collector with its own output writer and batch lease over ``store`` and ``files``."""
         return cls(store, files, BatchOutputs(files, store), BatchLease(client), client)
 
-    def on_settled(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        """Record finished batch lines (a hook of the usage ledger's drain).
+    def drain(self, count: int = 500) -> int:
+        """Record up to ``count`` finished lines from the batch-lines stream; returns how many were read.
+
+        Lines whose data the database refuses (one by one, after the whole read failed) are set
+        aside with why; the others are recorded and every entry acknowledged.
+        """
+        entries = self.group.read(count)
+        if not entries:
+            return 0
+        dead = each_apart(self.on_settled, entries, "collect", is_entry_fault, describe)
+        self.group.acknowledge(entries, dead)
+        for letter in dead:
+            metrics.LEDGER_DEAD_LETTERS.labels(letter.stage).inc()
+        return len(entries)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Collect until ``stop`` is set (the coordinator's batch-collection thread)."""
+        drain_forever(self.drain, stop, "batch collection")
+
+    def on_settled(self, entries: list[Entry]) -> None:
+        """Record finished batch lines (idempotent: an entry delivered again records nothing new).
 
         A line whose job record expired before it was drained is recorded as failed,
         so its batch still ends.

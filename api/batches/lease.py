@@ -2,7 +2,7 @@
 
 Whoever holds it dispatches the batch's lines, expires the batch or finalizes it;
 a holder that stops renewing it for ``LEASE_SECONDS`` is presumed dead, and another
-API process takes over. Each taking gets its own token, so a holder whose lease
+coordinator takes over. Each taking gets its own token, so a holder whose lease
 lapsed never lets go of someone else's.
 """
 
@@ -23,7 +23,7 @@ _RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
 
 
 class BatchLease:
-    """Take, renew and release batches' leases for one API process."""
+    """Take, renew and release batches' leases for one process."""
 
     def __init__(self, client: redis.Redis):
         self.redis = client

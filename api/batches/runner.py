@@ -1,13 +1,15 @@
 """Runs batches: dispatches input lines as batch-queue jobs, collects finished lines,
 and ends batches (completed, cancelled or expired) with their output and error files.
 
-Every step that changes a batch as a whole (dispatching, expiring, finalizing) is
-done by whoever holds the batch's short Redis lease. Dispatch runs on a background
-thread of the API process that created the batch, renewing the lease while it
-works. If that process dies, another API process's resumer finds the batch with no
-lease and takes it over: it resumes the dispatch (lines with a result are skipped,
-and job creation is idempotent per line, so no line runs twice), winds a cancelled
-batch down, expires one past its window, or finalizes one whose finalizer died.
+This is the coordinator's work (``inferq coordinator``, :mod:`api.coordinator`); the API
+only stores a batch or marks it cancelling, and wakes a coordinator (:meth:`BatchRunner.wake`).
+Every step that changes a batch as a whole (dispatching, expiring, cancelling its lines,
+finalizing) is done by whoever holds the batch's short Redis lease. A coordinator's
+:meth:`BatchRunner.tend` takes every unfinished batch nobody holds: it dispatches a new
+one (on a thread that renews the lease while it works), resumes one whose dispatcher died
+(lines with a result are skipped, and job creation is idempotent per line, so no line runs
+twice), winds a cancelled batch down, expires one past its window, and finalizes one whose
+lines all settled. Running two coordinators is safe: the lease decides.
 
 Collecting finished lines and finalizing is :mod:`api.batches.collector`'s; holding a line back
 while its key has no room is :mod:`api.batches.pacing`'s.
@@ -50,7 +52,7 @@ CHECK_EVERY = 50  # lines dispatched between two looks at the batch's status and
 SAVE_EVERY = 100  # lines dispatched between two saves of the count (a resumer probes past it)
 RECORD_CHUNK = 500  # expired lines recorded per transaction
 RENEW_EVERY = 5.0
-RESUME_EVERY = 10.0
+WAKE_BACKLOG = 1000  # wake-ups kept for coordinators (each is a hint: a periodic pass finds the batch anyway)
 
 
 def is_due(batch: Batch) -> bool:
@@ -59,7 +61,8 @@ def is_due(batch: Batch) -> bool:
 
 
 class BatchRunner:
-    """Dispatch and collection for the batches of one API process."""
+    """Dispatch, cancelling, expiry and finalization of batches (a coordinator's), and the API's
+    hand-off to it (:meth:`wake`)."""
 
     def __init__(self, store: BatchStore, files: FileStore, gateway: Gateway, collector: BatchCollector,
                  principal_for: Callable[[str], Principal | None]):
@@ -72,38 +75,51 @@ class BatchRunner:
         #: Looks a key up again while its batch dispatches (None: revoked, expired or gone).
         self.principal_for = principal_for
         self.budget = BatchTokenBudget(gateway.settings)
+        #: Set when the coordinator stops: dispatchers let go of their batches (for the next one).
+        self.stopping = threading.Event()
+        self._dispatchers: set[threading.Thread] = set()
 
     # --- dispatch -----------------------------------------------------------
 
-    def start(self, batch: Batch, payer: Payer, may_use: Any) -> None:
-        """Dispatch ``batch`` in the background (its lines log the creating request's id).
-
-        Never raises for Redis: the batch is stored, so an error here would make a client
-        retry create it twice. Without the lease, a resumer dispatches it later.
-        """
+    def wake(self, batch_id: str) -> None:
+        """Ask a coordinator to look at ``batch_id`` now (the API's call after creating or
+        cancelling a batch). Never raises for Redis: the batch is stored, and a coordinator's
+        periodic pass finds it anyway."""
         try:
-            token = self.lease.take(batch.id)
+            pipe = self.gateway.redis.pipeline(transaction=False)
+            pipe.lpush(keys.BATCH_WAKE, batch_id)
+            pipe.ltrim(keys.BATCH_WAKE, 0, WAKE_BACKLOG - 1)
+            pipe.execute()
         except redis.RedisError:
-            log.exception("batch %s: Redis unavailable; a resumer will dispatch it", batch.id)
-            return
-        if token is not None:  # else another process dispatches it
-            self._spawn_dispatch(batch.id, token, payer, may_use)
+            log.exception("batch %s: could not wake a coordinator; its next pass takes the batch", batch_id)
 
     def _spawn_dispatch(self, batch_id: str, token: str, payer: Payer, may_use: Any) -> None:
-        """Dispatch on a daemon thread that keeps the caller's context (its request id)."""
+        """Dispatch on a daemon thread (of the coordinator) that keeps the caller's context."""
         context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(self._dispatch_safely, batch_id, token, payer, may_use),
-                         name=f"dispatch-{batch_id}", daemon=True).start()
+        thread = threading.Thread(target=context.run,
+                                  args=(self._dispatch_safely, batch_id, token, payer, may_use),
+                                  name=f"dispatch-{batch_id}", daemon=True)
+        self._dispatchers.add(thread)
+        thread.start()
+
+    def join_dispatches(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the running dispatches; whether all ended."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._dispatchers):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._dispatchers)
 
     def _dispatch_safely(self, batch_id: str, token: str, payer: Payer, may_use: Any) -> None:
         try:
             self.dispatch(batch_id, token, payer, may_use)
-        except redis.RedisError:  # the lease lapses and a live API process resumes the batch
+        except redis.RedisError:  # the lease lapses and a live coordinator resumes the batch
             log.exception("batch %s: dispatch interrupted (Redis unavailable)", batch_id)
         except Exception:  # noqa: BLE001 - the batch fails rather than hangs
             log.exception("batch %s: dispatch failed", batch_id)
             self._fail(batch_id, "dispatch_failed", "The batch could not be dispatched.")
             self.lease.release(batch_id, token)
+        finally:
+            self._dispatchers.discard(threading.current_thread())
 
     def dispatch(self, batch_id: str, token: str, payer: Payer, may_use: Any) -> None:
         """Queue every line of the input file as a batch job, until the batch is cancelled or due.
@@ -121,6 +137,10 @@ class BatchRunner:
         seq = 0
         renewed = time.monotonic()
         for line_no, line in self.files.iter_lines(info):
+            if self.stopping.is_set():  # lines with a job are not sent twice by the next dispatcher
+                log.info("batch %s: its coordinator stops; left for the next one at line %d", batch_id, seq)
+                self.lease.release(batch_id, token)
+                return
             if seq % CHECK_EVERY == 0 and not self._may_dispatch(batch_id):
                 break
             if time.monotonic() - renewed > RENEW_EVERY:
@@ -132,6 +152,8 @@ class BatchRunner:
                 continue
             sent = self._dispatch_line(batch, token, payer, may_use, seq, line_no, line)
             if sent is Paced.LOST:
+                if self.stopping.is_set():  # it stopped waiting for room: let the next one have it
+                    self.lease.release(batch_id, token)
                 return
             if sent is Paced.STOP:
                 seq -= 1  # this line was not sent
@@ -171,7 +193,8 @@ class BatchRunner:
         While it waits, the lease is renewed and the batch's status looked at now and then.
         """
         result = pace(lambda: self._submit(batch, payer, may_use, seq, line_no, line),
-                      lambda: self._renew(batch.id, token), lambda: self._may_dispatch(batch.id))
+                      lambda: not self.stopping.is_set() and self._renew(batch.id, token),
+                      lambda: self._may_dispatch(batch.id))
         if isinstance(result, Paced):
             return result
         if result is not None:
@@ -228,16 +251,16 @@ class BatchRunner:
                                  errors_json=json.dumps({"object": "list", "data": [error]})):
             self.outputs.discard(batch_id)  # a failed batch has no output files
 
-    # --- resumption ---------------------------------------------------------
+    # --- the coordinator's pass -------------------------------------------------
 
-    def resume_orphaned(self) -> int:
-        """Take over the batches nobody holds; returns how many dispatches it resumed.
+    def tend(self) -> int:
+        """Take every unfinished batch nobody holds; returns how many dispatches it started.
 
-        A batch past its window expires; one whose dispatcher died is dispatched
-        again, or, when it was cancelled meanwhile, wound down; one whose lines all
-        settled (a finalizer died, or it never got the lease) is finalized.
+        A batch past its window expires; a new one, or one whose dispatcher died, is
+        dispatched; a cancelled one has its outstanding lines cancelled; one whose lines all
+        settled (its collector's finalization failed, or lost the lease) is finalized.
         """
-        resumed = 0
+        started = 0
         for listed in self.store.unfinished():
             token = self.lease.take(listed.id)
             if token is None:
@@ -247,22 +270,27 @@ class BatchRunner:
                 self.lease.release(listed.id, token)
                 continue
             if batch.status in OPEN and not batch.dispatch_done and not is_due(batch):
-                resumed += self._resume_dispatch(batch, token)
+                started += self._start_dispatch(batch, token)
                 continue
             try:
                 if is_due(batch):
                     self._expire(batch)
-                elif batch.status == BatchStatus.CANCELLING and not batch.dispatch_done:
-                    log.warning("batch %s: its dispatcher stopped while it was cancelled; winding it down",
-                                batch.id)
-                    self.store.update(batch.id, dispatched=self._last_dispatched(batch), dispatch_done=True)
-                    self.cancel_outstanding(batch.id)
+                elif batch.status == BatchStatus.CANCELLING:
+                    self._wind_down(batch)
             finally:
                 self.lease.release(batch.id, token)
             self.collector.maybe_finalize(batch.id)
-        return resumed
+        return started
 
-    def _resume_dispatch(self, batch: Batch, token: str) -> bool:
+    def _wind_down(self, batch: Batch) -> None:
+        """With the lease held: cancel a cancelling batch's outstanding lines (after saving how far
+        a dispatcher that stopped while it was cancelled got)."""
+        if not batch.dispatch_done:
+            log.warning("batch %s: its dispatcher stopped while it was cancelled; winding it down", batch.id)
+            self.store.update(batch.id, dispatched=self._last_dispatched(batch), dispatch_done=True)
+        self.cancel_outstanding(batch.id)
+
+    def _start_dispatch(self, batch: Batch, token: str) -> bool:
         payer = self.principal_for(batch.key_id)
         if payer is None:
             log.warning("batch %s: its key is gone; failing it", batch.id)
@@ -270,7 +298,10 @@ class BatchRunner:
                        "The batch's API key was revoked before all its lines were dispatched.")
             self.lease.release(batch.id, token)
             return False
-        log.warning("batch %s: its dispatcher stopped; resuming the dispatch", batch.id)
+        if batch.status == BatchStatus.VALIDATING:
+            log.info("batch %s: dispatching %d lines", batch.id, batch.total)
+        else:
+            log.warning("batch %s: its dispatcher stopped; resuming the dispatch", batch.id)
         self._spawn_dispatch(batch.id, token, payer, payer.may_use)
         return True
 
@@ -290,50 +321,17 @@ class BatchRunner:
                 last = seq
         return last
 
-    def start_resumer(self) -> threading.Event:
-        """Check for orphaned batches every few seconds on a daemon thread; set the event to stop."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(RESUME_EVERY):
-                try:
-                    self.resume_orphaned()
-                except Exception:  # noqa: BLE001 - keep checking after Redis/SQL hiccups
-                    log.exception("resuming orphaned batches failed")
-
-        threading.Thread(target=loop, name="batch-resumer", daemon=True).start()
-        return stop
-
     # --- cancel and expiry ------------------------------------------------------
 
     def cancel(self, batch: Batch) -> None:
-        """Stop dispatching; cancel queued lines and abort running ones; keep finished ones.
-
-        A batch of more than ``REDIS_CHUNK`` dispatched lines has them cancelled on a
-        background thread: one call per line still queued or running could hold up the
-        request for minutes.
-        """
-        if not self.store.transition(batch.id, BatchStatus.CANCELLING):
+        """Mark the batch cancelling and wake a coordinator: it stops the dispatch, cancels
+        queued lines and aborts running ones (finished ones are kept), then ends the batch.
+        A batch past its window is left to expire instead."""
+        if is_due(batch):
+            self.wake(batch.id)
             return
-        fresh = self.store.get(batch.id)
-        if fresh is None or not fresh.dispatch_done:  # the dispatcher cancels when it stops
-            return
-        if fresh.dispatched <= REDIS_CHUNK:
-            self._wind_down(batch.id)
-            return
-        context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(self._wind_down_safely, batch.id),
-                         name=f"cancel-{batch.id}", daemon=True).start()
-
-    def _wind_down(self, batch_id: str) -> None:
-        self.cancel_outstanding(batch_id)
-        self.collector.maybe_finalize(batch_id)
-
-    def _wind_down_safely(self, batch_id: str) -> None:
-        try:
-            self._wind_down(batch_id)
-        except Exception:  # noqa: BLE001 - lines left uncancelled still run, settle and end the batch
-            log.exception("batch %s: cancelling its lines failed", batch_id)
+        if self.store.transition(batch.id, BatchStatus.CANCELLING):
+            self.wake(batch.id)
 
     def cancel_outstanding(self, batch_id: str) -> None:
         """Cancel every dispatched line's job (finished ones stay as they are)."""
@@ -357,22 +355,6 @@ class BatchRunner:
         for job_id, status in zip(job_ids, pipe.execute(), strict=True):
             if status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 jobs.request_cancel(client, job_id, ttl)
-
-    def expire_if_due(self, batch: Batch) -> Batch:
-        """End a batch that outlived its completion window as ``expired`` (unless its lease
-        holder is busy with it: a dispatcher expires it itself within a few lines)."""
-        if not is_due(batch):
-            return batch
-        token = self.lease.take(batch.id)
-        if token is None:
-            return batch
-        try:
-            fresh = self.store.get(batch.id)
-            if fresh is not None and is_due(fresh):
-                self._expire(fresh)
-        finally:
-            self.lease.release(batch.id, token)
-        return self.store.get(batch.id) or batch
 
     def _expire(self, batch: Batch, dispatched: int | None = None) -> None:
         """With the lease held: cancel the lines not done, give each an error line

@@ -59,7 +59,7 @@ def create_batch(runner: BatchRunner, principal: Principal, request: BatchCreate
         dispatched=0, dispatch_done=False, completed=0, failed=0, prompt_tokens=0, completion_tokens=0,
         created_at=created, expires_at=created + WINDOW_SECONDS[request.completion_window],
     ))
-    runner.start(batch, principal, principal.may_use)
+    runner.wake(batch.id)  # a coordinator dispatches it
     return batch_object(batch)
 
 
@@ -68,10 +68,7 @@ def get_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> Batch
     batch = runner.store.get(batch_id, principal.key_id)
     if batch is None:
         return _not_found(batch_id)
-    try:
-        return batch_object(runner.expire_if_due(batch))
-    except redis.RedisError:
-        return _queue_unavailable(batch_id)
+    return batch_object(batch)
 
 
 def list_batches(runner: BatchRunner, principal: Principal, limit: int,
@@ -81,10 +78,7 @@ def list_batches(runner: BatchRunner, principal: Principal, limit: int,
     if page is None:
         return errors.invalid_request(f"No batch '{after}' to page after.", "after")
     rows, more = page
-    try:
-        data = [batch_object(runner.expire_if_due(b)) for b in rows]
-    except redis.RedisError:
-        return _queue_unavailable(None)
+    data = [batch_object(b) for b in rows]
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                      has_more=more)
 
@@ -94,10 +88,7 @@ def cancel_batch(runner: BatchRunner, principal: Principal, batch_id: str) -> Ba
     batch = runner.store.get(batch_id, principal.key_id)
     if batch is None:
         return _not_found(batch_id)
-    try:
-        runner.cancel(runner.expire_if_due(batch))  # a batch past its window expired: no cancel
-    except redis.RedisError:
-        return _queue_unavailable(batch_id)
+    runner.cancel(batch)  # a coordinator winds it down; one past its window expires instead
     fresh = runner.store.get(batch_id)
     return batch_object(fresh or batch)
 
@@ -139,7 +130,7 @@ def _model_error(runner: BatchRunner, principal: Principal, model: str) -> Error
 
 
 def _queue_unavailable(batch_id: str | None) -> ErrorResponse:
-    """503 for a batch step Redis failed (expiring or cancelling): the client may simply retry."""
+    """503 when Redis could not say which models are served: the client may simply retry."""
     log.exception("batch %s: Redis unavailable", batch_id or "listing")
     return errors.unavailable("The queue is unavailable; try again shortly.", code="queue_unavailable")
 

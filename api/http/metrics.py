@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import redis
 from flask import Flask, Request, Response, request
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -55,9 +55,11 @@ REJECTIONS = Counter(
 LEDGER_DEAD_LETTERS = Counter(
     "inferq_ledger_dead_letters",
     "Usage entries set aside in the ledger's dead letter, by stage: invalid (malformed or over a "
-    "column's limit), sql (the database refused it), hook (a drain hook, e.g. batch lines, failed on it).",
+    "column's limit), sql (the database refused it), collect (the batch collector could not record a "
+    "finished batch line).",
     ["stage"], registry=None)
 
+DEAD_LETTER_STAGES = ("invalid", "sql", "collect")
 OWN_METRICS = (REQUEST_DURATION, TTFT, TOKENS, AUTH_FAILURES, REJECTIONS, LEDGER_DEAD_LETTERS)
 
 
@@ -113,8 +115,7 @@ def init_app(app: Flask, settings: Settings, client: redis.Redis) -> PrometheusM
             registry.register(metric)
         registry.register(queues)
     metrics.info("inferq_api_info", "The served model of this API.", model=settings.served_model_name)
-    for stage in ("invalid", "sql", "hook"):  # at 0 from the start, so an alert on increase() has data
-        LEDGER_DEAD_LETTERS.labels(stage)
+    _zero_dead_letters()
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
@@ -128,3 +129,17 @@ def init_app(app: Flask, settings: Settings, client: redis.Redis) -> PrometheusM
         return Response(encoder(scrape), content_type=content_type)
 
     return metrics
+
+
+def _zero_dead_letters() -> None:
+    for stage in DEAD_LETTER_STAGES:  # at 0 from the start, so an alert on increase() has data
+        LEDGER_DEAD_LETTERS.labels(stage)
+
+
+def serve_coordinator_metrics(port: int, host: str = "0.0.0.0") -> None:
+    """Serve the coordinator's own metrics (settled tokens, dead letters) on a daemon thread."""
+    registry = CollectorRegistry()
+    for metric in (TOKENS, LEDGER_DEAD_LETTERS):
+        registry.register(metric)
+    _zero_dead_letters()
+    start_http_server(port, host, registry=registry)
