@@ -7,7 +7,8 @@ import datetime as dt
 import redis
 from flask import Blueprint, Response, g, jsonify, request
 
-from api.accounts.auth import Principal, require_api_key
+from api.accounts.auth import Principal
+from api.accounts.guard import require_api_key
 from api.extensions import services
 from api.http import errors
 from queueing import keys, metering

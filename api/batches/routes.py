@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, request
 
-from api.accounts.auth import require_api_key
+from api.accounts.guard import require_api_key
 from api.batches import serving as batch_serving
 from api.extensions import services
 from api.http import errors

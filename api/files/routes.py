@@ -6,7 +6,7 @@ from flask import Blueprint, Response, g, request, send_file
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.formparser import FormDataParser
 
-from api.accounts.auth import require_api_key
+from api.accounts.guard import require_api_key
 from api.extensions import services
 from api.files import serving as file_serving
 from api.files.store import UploadSpool

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Response, g, jsonify
 
-from api.accounts.auth import require_api_key
+from api.accounts.guard import require_api_key
 from api.extensions import services
 from api.http import errors
 

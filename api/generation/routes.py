@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
-from api.accounts.auth import require_api_key
+from api.accounts.guard import require_api_key
 from api.extensions import services
 from api.generation import serving
 from api.generation.charges import send_charge_headers, token_charge
