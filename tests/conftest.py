@@ -68,9 +68,9 @@ def redis_server(workdir: Path) -> Iterator[str]:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server owned by this test session, on a free port.
 
-    A module whose stack has a database of its own and counts on batch lines or usage entries
-    settling into it overrides this fixture with its own ``redis_server``: the session's API
-    processes drain the shared usage stream into their own databases.
+    A coordinator drains the shared usage and batch-line streams into its own database, so no
+    coordinator on this server outlives the test that started it; a module whose stack needs
+    one for longer overrides this fixture with its own ``redis_server``.
     """
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
@@ -152,12 +152,20 @@ def real_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     worker = start_worker(redis_url, tmp, REAL_MODEL, 300, WORKER_METRICS_PORT=str(metrics_port),
                           **{k: v for k, v in REAL_WORKER_ENV.items() if k != "SERVED_MODEL_NAME"})
     api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL, FILES_DIR=str(tmp / "files"))
-    coordinator = start_coordinator(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL,
-                                    FILES_DIR=str(tmp / "files"))
-    yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-    coordinator.stop()
+    yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "tmp": str(tmp)}
     api.stop()
     worker.stop(60)
+
+
+@pytest.fixture
+def real_coordinator(redis_url: str, real_stack: dict[str, str]) -> Iterator[Process]:
+    """A coordinator for ``real_stack``'s database, for one test only: a coordinator drains the
+    session Redis's shared streams into its own database, so none outlives the test that needs it."""
+    tmp = Path(real_stack["tmp"])
+    coordinator = start_coordinator(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL,
+                                    FILES_DIR=str(tmp / "files"))
+    yield coordinator
+    coordinator.stop()
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +174,7 @@ def two_apis(redis_url: str, scripted_worker: Process, tmp_path_factory: pytest.
     """Two gunicorn API servers sharing Redis and one SQLite database."""
     tmp = tmp_path_factory.mktemp("two-apis")
     procs = [start_api(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL) for _ in range(2)]
-    coordinator = start_coordinator(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL)
     yield tmp, [base for _, base in procs]
-    coordinator.stop()
     for proc, _ in procs:
         proc.stop()
 

@@ -183,7 +183,7 @@ def test_wrong_key(stack):
         bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
 
 
-def test_batch_through_the_sdk(sdk):
+def test_batch_through_the_sdk(sdk, real_coordinator):
     import json
 
     questions = ["What is the capital of France?", "Name a color.", "What is 2+2?", "Say hello."]
@@ -279,7 +279,7 @@ def test_a_prompt_over_the_context_is_a_400_and_the_engine_keeps_serving(sdk):
     assert again.choices[0].text.strip()
 
 
-def test_jobs_and_batches_get_vllms_whole_surface(sdk, stack):
+def test_jobs_and_batches_get_vllms_whole_surface(sdk, stack, real_coordinator):
     """Structured outputs through /v1/jobs, and /v1/responses lines in a batch: the worker answers
     them through vLLM's serving layer as it answers a direct request."""
     import json
