@@ -2,7 +2,7 @@
 
 Ensures a development key, the default model and a reachable Redis (starting a
 private one when none answers), prints the URLs, then runs the Procfile's
-processes (worker, API, Flower, GPU exporter) under :mod:`inferq.supervisor`
+processes (worker, API, coordinator, Flower, GPU exporter) under :mod:`inferq.supervisor`
 with prefixed logs: one that dies is restarted, with backoff, up to RESTART_LIMIT.
 Ctrl-C stops them gracefully; a Redis started here is stopped only after they
 have all exited, so their last Redis calls succeed.
@@ -150,7 +150,7 @@ def run_processes(procfile: Path, names: tuple[str, ...], env: dict[str, str], k
 @click.option("--procfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=Path("Procfile"), show_default=True)
 def run(procfile: Path) -> None:
-    """Run worker, API, Flower and the GPU exporter together (and Redis if none is reachable).
+    """Run worker, API, coordinator, Flower and the GPU exporter together (and Redis if none is reachable).
 
     Logs are plain text here unless LOG_FORMAT says otherwise (deployments log JSON).
     A process that dies is restarted (RESTART_LIMIT times within RESTART_WINDOW seconds,
@@ -190,7 +190,7 @@ def run(procfile: Path) -> None:
         f"Flower   http://{flower_host}:{s.flower_port}   (its /metrics too"
         f"{'; basic auth' if s.flower_basic_auth else ''})\n"
         f"Metrics  {base}/metrics   worker :{s.worker_metrics_port}/metrics   "
-        f"GPUs :{s.gpu_monitor_port}/metrics\n"
+        f"coordinator :{s.coordinator_metrics_port}/metrics   GPUs :{s.gpu_monitor_port}/metrics\n"
         f"API key  {key}\n\n"
         f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n"
         f"  -H 'Content-Type: application/json' \\\n"
