@@ -19,7 +19,7 @@ from loadtest import display, stats
 from loadtest.cli import clean_url, loadtest
 from loadtest.driver import RequestResult, RunState, error_kind
 from loadtest.workload import Workload, WorkloadError, jittered, read_prompts
-from tests.conftest import ROOT, SCRIPTED_MODEL, TEST_KEY, start_api
+from tests.conftest import ROOT, SCRIPTED_MODEL, TEST_KEY, start_api, start_coordinator
 
 # --- statistics ---------------------------------------------------------------------------------
 
@@ -147,11 +147,17 @@ def test_live_view_renders():
 
 
 @pytest.fixture(scope="module")
-def api_v1(redis_url, scripted_worker, tmp_path_factory):
+def api_stack(redis_url, scripted_worker, tmp_path_factory):
+    """An API under gunicorn (its base URL and directory: its database and files)."""
     tmp = tmp_path_factory.mktemp("api-loadtest")
     api, base = start_api(redis_url, tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL, FILES_DIR=str(tmp / "files"))
-    yield base + "/v1"
+    yield base, tmp
     api.stop()
+
+
+@pytest.fixture
+def api_v1(api_stack):
+    return api_stack[0] + "/v1"
 
 
 def run_cli(api_v1, tmp_path, *args, key=TEST_KEY, exit_code=0):
@@ -246,9 +252,15 @@ def test_warmup_and_duration_with_itl(api_v1, tmp_path):
     assert 1.0 < rep["duration_s"] < 10
 
 
-def test_batch_mode(api_v1, tmp_path):
-    rep = run_cli(api_v1, tmp_path, "--mode", "batch", "--requests", "5", "--max-tokens", "3",
-                  "--prompt-tokens", "4")
+def test_batch_mode(api_v1, api_stack, redis_url, tmp_path):
+    _, api_tmp = api_stack
+    coordinator = start_coordinator(redis_url, api_tmp, SERVED_MODEL_NAME=SCRIPTED_MODEL,
+                                    FILES_DIR=str(api_tmp / "files"))  # it dispatches the batch
+    try:
+        rep = run_cli(api_v1, tmp_path, "--mode", "batch", "--requests", "5", "--max-tokens", "3",
+                      "--prompt-tokens", "4")
+    finally:
+        coordinator.stop()
     assert rep["batch"]["status"] == "completed"
     assert rep["requests"] == {"completed": 5, "failed": 0, "total": 5, "warmup": 0}
     assert rep["tokens"] == {"prompt": 20, "completion": 15}

@@ -31,7 +31,16 @@ import pytest
 import yaml
 
 from tests.compose_files import ALERTS_YML, PROMETHEUS_YML
-from tests.conftest import REAL_MODEL, TEST_KEY, Process, base_env, free_port, start_api, wait_for
+from tests.conftest import (
+    REAL_MODEL,
+    TEST_KEY,
+    Process,
+    base_env,
+    free_port,
+    start_api,
+    start_coordinator,
+    wait_for,
+)
 from tests.test_compose import alert_rules, dashboard_exprs, metric_names, substitute_grafana_variables
 
 pytestmark = pytest.mark.slow
@@ -116,10 +125,15 @@ def live(real_stack: dict[str, str], redis_url: str, tmp_path_factory: pytest.Te
         procs.append(start_http_process(
             [sys.executable, "-m", "inferq.cli", "gpu-monitor", "--port", str(gpu_port), "--interval", "1"],
             env, tmp / "gpu-monitor.log", f"http://127.0.0.1:{gpu_port}/metrics", "gpu-monitor"))
-        # Both API processes of the session: any of them may drain the usage stream, so the
-        # settled tokens (inferq_tokens_total) show up on one or the other, as with API hosts.
+        # A coordinator drains the usage stream, so the settled tokens (inferq_tokens_total) show up
+        # on its metrics (an API that answers /v1/usage drains too, and counts them on its own).
+        coordinator_port = free_port()
+        procs.append(start_coordinator(redis_url, tmp, SERVED_MODEL_NAME=REAL_MODEL,
+                                       FILES_DIR=str(tmp / "files"),
+                                       COORDINATOR_METRICS_PORT=str(coordinator_port)))
         targets = {
             "prometheus": [f"127.0.0.1:{prom_port}"], "api": [host_port(base), host_port(real_stack["base"])],
+            "coordinator": [f"127.0.0.1:{coordinator_port}"],
             "worker": [host_port(real_stack["metrics"])], "gpu-monitor": [f"127.0.0.1:{gpu_port}"],
             "flower": [f"127.0.0.1:{flower_port}"],
         }

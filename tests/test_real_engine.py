@@ -118,6 +118,7 @@ def test_a_chat_request_overtakes_batch_lines_waiting_in_the_engine(redis_url, a
 
     from api import create_app
     from api.batches.lines import line_job_id
+    from api.coordinator import Coordinator
     from queueing import jobs
     from queueing.jobs import JobStatus
     from tests.conftest import REAL_WORKER_ENV, start_worker, wait_for
@@ -131,6 +132,8 @@ def test_a_chat_request_overtakes_batch_lines_waiting_in_the_engine(redis_url, a
     app = create_app({**app_config, "served_model_name": model, "queue_timeout": 120.0, "idle_timeout": 60.0})
     client = app.test_client()
     auth = {"Authorization": f"Bearer {TEST_KEY}"}
+    coordinator = Coordinator(app.extensions["inferq"], interval=0.5)  # dispatches and collects the batch
+    coordinator.start()
 
     def chat(max_tokens: int, started: threading.Event | None = None) -> float:
         resp = app.test_client().post("/v1/chat/completions", headers=auth, buffered=False, json={
@@ -169,6 +172,7 @@ def test_a_chat_request_overtakes_batch_lines_waiting_in_the_engine(redis_url, a
         # generous: 900 tokens of batch lines on a CPU shared with the session's other engine
         done = wait_for_batch(client, auth, batch["id"], ("completed", "failed"), timeout=600)
     finally:
+        coordinator.stop()
         worker.stop(60)
     assert done["status"] == "completed", done
     finished = {j: jobs.get(redis_client, j).finished_at for j in ids}

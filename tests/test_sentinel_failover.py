@@ -23,7 +23,15 @@ import pytest
 import redis
 
 from queueing import keys
-from tests.conftest import SCRIPTED_MODEL, TEST_KEY, Process, start_api, start_worker, wait_for
+from tests.conftest import (
+    SCRIPTED_MODEL,
+    TEST_KEY,
+    Process,
+    start_api,
+    start_coordinator,
+    start_worker,
+    wait_for,
+)
 from tests.sentinel_group import SentinelGroup, sentinel_group
 from tests.sse_client import frames
 
@@ -38,8 +46,12 @@ class Stack:
     group: SentinelGroup
     worker: Process
     api: Process
+    coordinator: Process
     base: str
     tmp: Path
+
+    def processes(self) -> dict[str, Process]:
+        return {"api": self.api, "worker": self.worker, "coordinator": self.coordinator}
 
     def client(self, timeout: float = 30) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers=AUTH, timeout=timeout)
@@ -70,17 +82,18 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         url = f"redis://127.0.0.1:{group.primary.port}/0"  # for the helpers' readiness checks only
         env = {**group.env, "REDIS_WAIT_POLICY": "refuse", "REDIS_WAIT_TIMEOUT_MS": "500"}
         worker = start_worker(url, tmp_path, SCRIPTED_MODEL, 60, ENGINE="scripted", MAX_NUM_SEQS="32", **env)
+        started: list[Process] = [worker]
         try:
             api, base = start_api(url, tmp_path, SERVED_MODEL_NAME=SCRIPTED_MODEL,
                                   FILES_DIR=str(tmp_path / "files"), **env)
-        except BaseException:
-            worker.stop()
-            raise
-        try:
-            yield Stack(group, worker, api, base, tmp_path)
+            started.append(api)
+            coordinator = start_coordinator(url, tmp_path, SERVED_MODEL_NAME=SCRIPTED_MODEL,
+                                            FILES_DIR=str(tmp_path / "files"), **env)
+            started.append(coordinator)
+            yield Stack(group, worker, api, coordinator, base, tmp_path)
         finally:
-            api.stop()
-            worker.stop()
+            for process in reversed(started):
+                process.stop()
 
 
 def chat(text: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
@@ -223,7 +236,7 @@ def _first_success_after(base: str, since: float, deadline: float) -> float:
 
 
 def test_sigkilled_primary_under_load_loses_no_accepted_work(stack: Stack) -> None:
-    pids = {"api": _pids(stack.api.proc.pid), "worker": _pids(stack.worker.proc.pid)}
+    pids = {name: _pids(process.proc.pid) for name, process in stack.processes().items()}
     with stack.client() as client:
         file_id = _upload(client, [_line(i) for i in range(200)])
         created = client.post("/v1/batches", json=_batch_request(file_id))
@@ -267,8 +280,8 @@ def test_sigkilled_primary_under_load_loses_no_accepted_work(stack: Stack) -> No
     hung = [stream for stream in load.streams if stream[2] not in ended]
     assert not hung, hung
     assert any(outcome == "done" and start > killed for start, _, outcome in load.streams)
-    assert stack.api.proc.poll() is None and stack.worker.proc.poll() is None
-    assert {"api": _pids(stack.api.proc.pid), "worker": _pids(stack.worker.proc.pid)} == pids, \
+    assert all(process.proc.poll() is None for process in stack.processes().values())
+    assert {name: _pids(process.proc.pid) for name, process in stack.processes().items()} == pids, \
         "an inferq process was restarted"
     # With its one replica promoted, the primary has none: jobs are refused until a host rejoins.
     stack.group.add_replica("rejoined")
