@@ -296,10 +296,11 @@ if ARGV[4] == '1' then
     end
     redis.call('HSET', KEYS[1], '$reserved_tokens', 0)
     local entry = {'job_id', f[8], 'key_id', f[1], 'model', cjson.decode(f[7]).model, 'day', f[4] or '',
-                   'prompt_tokens', prompt, 'completion_tokens', completion, 'status', ARGV[1],
-                   'batch_id', f[9] or ''}
+                   'prompt_tokens', prompt, 'completion_tokens', completion, 'status', ARGV[1]}
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000000, '*', unpack(entry))
-    if f[9] and f[9] ~= '' then
+    if f[9] and f[9] ~= '' then  -- a batch line: the same entry, naming its batch, for the collector
+      table.insert(entry, 'batch_id')
+      table.insert(entry, f[9])
       redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000000, '*', unpack(entry))
     end
   end

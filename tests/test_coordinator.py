@@ -2,13 +2,13 @@
 
 Real parts: a private redis-server per test (no coordinator of another test's stack can take
 its streams), a worker process with the scripted engine (test double), the API under
-gunicorn, and coordinator processes.
+gunicorn, and coordinator processes. That ``create_app`` starts no background thread at all is
+checked in ``tests/test_batch_recovery.py``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +23,6 @@ import httpx
 import pytest
 import redis
 
-from api import create_app
 from inferq.launcher import coordinator_argv
 from queueing import keys
 from tests.conftest import (
@@ -39,7 +38,6 @@ from tests.conftest import (
 )
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
-BACKGROUND_THREADS = re.compile(r"usage-ledger|batch-collector|batch-tender|batch-resumer|dispatch-")
 
 
 @dataclass
@@ -105,13 +103,6 @@ def lease_holder_pid(client: redis.Redis, batch_id: str) -> int | None:
     """The pid in the batch lease's token (``host-pid-hex``), or None while nobody holds it."""
     token = client.get(keys.batch_dispatcher(batch_id))
     return int(str(token).rsplit("-", 2)[1]) if token else None
-
-
-def test_the_api_process_starts_no_background_threads(app_config: dict[str, Any]) -> None:
-    import threading
-
-    create_app(app_config)
-    assert not [t.name for t in threading.enumerate() if BACKGROUND_THREADS.match(t.name)]
 
 
 def test_without_a_coordinator_work_waits_in_redis_and_once_drains_and_dispatches_it(stack: Stack) -> None:
