@@ -8,6 +8,8 @@ Subscriptions share their process's one pub/sub connection
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis
 
 from queueing import events, keys
@@ -53,6 +55,20 @@ class EventSubscription:
         """Every event received and not yet read, in order (waiting up to ``timeout``
         seconds for the first), or ``[]``."""
         return [events.decode(raw) for raw in self._inbox.get_all(timeout)]
+
+    def divert(self, handler: Callable[[bytes], None] | None) -> None:
+        """Hand each raw event to ``handler`` on the subscriber's reader as it arrives,
+        instead of queueing it for :meth:`next_events` (``None``: queue again); see
+        :meth:`queueing.subscriber.Inbox.divert`."""
+        self._inbox.divert(handler)
+
+    def enqueue(self, raw: bytes) -> None:
+        """Queue a raw event for :meth:`next_events` (what a diverting handler does not take)."""
+        self._inbox.enqueue(raw)
+
+    def wake(self) -> None:
+        """End a wait in :meth:`next_events` now (it returns ``[]``)."""
+        self._inbox.wake()
 
     def close(self) -> None:
         """Unsubscribe (idempotent); events published later are dropped."""

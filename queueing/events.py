@@ -97,18 +97,27 @@ def encode(event: TokenEvent) -> bytes:
     return json.dumps(asdict(event), separators=(",", ":")).encode()
 
 
+def delta_parts(raw: bytes) -> tuple[int, bytes] | None:
+    """A delta's ``(tokens, frames)`` without building the event, or ``None`` for any
+    other event (``EventDecodeError`` for a malformed delta)."""
+    if raw[:1] != _DELTA:
+        return None
+    head, sep, frames = raw.partition(b" ")
+    try:
+        if sep:
+            return int(head[1:]), frames
+    except ValueError:
+        pass
+    raise EventDecodeError(f"bad token event: {raw!r:.200}")
+
+
 def decode(raw: str | bytes) -> TokenEvent:
     """Parse an event published by :func:`encode`."""
     if isinstance(raw, str):  # from a client that decodes replies
         raw = raw.encode()
-    if raw[:1] == _DELTA:
-        head, sep, frames = raw.partition(b" ")
-        try:
-            if sep:
-                return Delta(frames, int(head[1:]))
-        except ValueError:
-            pass
-        raise EventDecodeError(f"bad token event: {raw!r:.200}")
+    parts = delta_parts(raw)
+    if parts is not None:
+        return Delta(parts[1], parts[0])
     try:
         data: dict[str, Any] = json.loads(raw)
         kind = data.pop("type")

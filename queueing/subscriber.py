@@ -56,17 +56,20 @@ UNSUBSCRIBE_DELAY = 0.1
 _ADDRESS = ("host", "port", "path", "db", "username", "password")  # what makes two clients' servers one
 
 _FAILED = object()  # queued after an inbox's last message when its connection broke
+_WAKE = object()  # queued by Inbox.wake: the consumer returns from its wait with nothing
 
 
 class Inbox:
     """One subscription's messages (raw payloads, in order), as the reader delivers them."""
 
-    __slots__ = ("channel", "put", "_queue", "_settled", "_failure", "_link")
+    __slots__ = ("channel", "put", "enqueue", "_queue", "_settled", "_failure", "_link")
 
     def __init__(self, channel: bytes, link: _Link):
         self.channel = channel
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.put = self._queue.put  # the reader's whole per-message work, bound once
+        #: Queue a payload for :meth:`get` (what the reader does with each, unless diverted).
+        self.enqueue: Callable[[bytes], None] = self._queue.put
+        self.put: Callable[[bytes], None] = self.enqueue  # the reader's whole per-message work, bound once
         self._settled = threading.Event()  # confirmed by Redis, or failed
         self._failure: BaseException | None = None
         self._link = link
@@ -83,7 +86,7 @@ class Inbox:
             return None
         if item is _FAILED:
             self._raise()
-        return item
+        return None if item is _WAKE else item
 
     def get_all(self, timeout: float) -> list[bytes]:
         """Every queued payload (waiting up to ``timeout`` for the first), or ``[]``."""
@@ -97,8 +100,21 @@ class Inbox:
             if item is _FAILED:  # raise on the next call, after these are handled
                 q.put(item)
                 break
-            items.append(item)
+            if item is not _WAKE:
+                items.append(item)
         return items
+
+    def divert(self, handler: Callable[[bytes], None] | None) -> None:
+        """Have the reader hand each later payload to ``handler`` instead of queueing it
+        (``None``: queue them again). The handler runs on the reader, which serves every
+        subscription of the process: it must not block or raise, and it queues with
+        :attr:`enqueue` what it does not take itself.
+        """
+        self.put = self.enqueue if handler is None else handler
+
+    def wake(self) -> None:
+        """End a wait in :meth:`get` / :meth:`get_all` now (it returns nothing)."""
+        self._queue.put(_WAKE)
 
     def close(self) -> None:
         """Stop receiving; the channel is unsubscribed when its last inbox closes."""

@@ -20,7 +20,9 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from api.generation.job_request import length_error, worst_case_tokens
+from api.generation.relay import Relay
 from api.http import errors, metrics
+from api.http.socket_writer import ChunkWriter
 from api.protocol import ErrorResponse
 from config import Settings, logs
 from queueing import events, jobs, key_limits, keys, liveness, metering, recovery
@@ -96,6 +98,7 @@ class JobStream:
         self._received: deque[events.TokenEvent] = deque()  # read from the subscription, not yet yielded
         self._finished = False
         self._completion_tokens = 0  # streamed so far: what a job whose worker died settles to
+        self._relay: Relay | None = None  # deltas written from the subscriber's reader (relay_to)
         #: Checked while waiting: True once the client has hung up (the job is then cancelled).
         self.client_gone: Callable[[], bool] = lambda: False
 
@@ -120,17 +123,41 @@ class JobStream:
         finally:
             self.close()
 
+    def relay_to(self, writer: ChunkWriter) -> None:
+        """From now on, write deltas to the client from the subscriber's reader
+        (:mod:`api.generation.relay`); this iterator then yields only the rest."""
+        if self._relay is None and not self._finished:
+            metrics.STREAM_RELAY.labels("relayed").inc()
+            self._relay = Relay(self._subscription, writer)
+            if not self._received:
+                self._relay.resume()
+
     def _next(self, timeout: float) -> events.TokenEvent | None:
         """The next event within ``timeout``; between heartbeats, check the job's worker is alive."""
         if self._received:
             return self._pop()
+        relay = self._relay
         deadline = time.monotonic() + timeout
         step = self.gateway.settings.worker_heartbeat_interval
         while (left := deadline - time.monotonic()) > 0:
+            relayed = 0
+            if relay is not None:
+                relay.catch_up()  # the client's failure is raised here, as a write of ours would
+                if not relay.on:
+                    received = self._subscription.next_events(0)
+                    if received:  # queued while the relay was off: they go out the usual way
+                        self._received.extend(received)
+                        return self._pop()
+                    relay.resume()
+                relayed = relay.deltas
             received = self._subscription.next_events(min(step, left))  # all that arrived: one wake-up
             if received:
                 self._received.extend(received)
                 return self._pop()
+            if relay is not None and (not relay.on or relay.deltas != relayed):
+                if relay.deltas != relayed:  # tokens flowed past this greenlet: not idle
+                    deadline = time.monotonic() + timeout
+                continue
             if self._worker_lost():
                 return self._lost_error()
             if self.client_gone():
@@ -162,8 +189,9 @@ class JobStream:
         """Fail the job whose worker died (if it ended after all, its own event is on the channel)."""
         log.warning("job %s: its worker stopped sending heartbeats; failing it", self.job_id)
         gateway = self.gateway
+        streamed = self._completion_tokens + (self._relay.tokens if self._relay is not None else 0)
         recovery.fail_running(gateway.redis, self.job_id, recovery.WORKER_LOST, gateway.settings.job_ttl,
-                              completion_tokens=self._completion_tokens)
+                              completion_tokens=streamed)
         return recovery.WORKER_LOST
 
     def _deadline_error(self, first: bool) -> events.Error:
@@ -182,6 +210,8 @@ class JobStream:
 
     def close(self) -> None:
         """Stop listening; a job that has not finished is cancelled (client went away)."""
+        if self._relay is not None:
+            self._relay.stop()
         if not self._finished:
             self._finished = True
             self.cancel()

@@ -12,6 +12,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from flask import has_request_context
 from flask import request as http_request
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from api.accounts.auth import Principal
 from api.generation.gateway import Charge, Gateway, JobStream
 from api.http import errors, metrics, sse
+from api.http.socket_writer import ChunkWriter
 from api.protocol import ErrorResponse, JSONText
 from api.render import model_not_found
 from config import tracing
@@ -59,7 +61,8 @@ def serve(gateway: Gateway, request: JobRequest, principal: Principal,
         return errors.from_event(first) if isinstance(first, events.Error) else CANCELLED
     timer.first_token()
     if request.stream:
-        return _sse(first, stream, submitted, timer, errors.current_request_id())
+        environ = http_request.environ if has_request_context() else {}
+        return _sse(first, stream, submitted, timer, errors.current_request_id(), environ)
     return _buffered(first, stream, timer)
 
 
@@ -117,13 +120,24 @@ def _buffered(first: events.TokenEvent, stream: Iterator[events.TokenEvent], tim
 
 
 def _sse(first: events.TokenEvent, stream: Iterator[events.TokenEvent], job: JobStream, timer: _Timer,
-         request_id: str | None) -> Iterator[bytes]:
-    """vLLM's frames as the worker relayed them; a failure ends the stream with an error object."""
+         request_id: str | None, environ: dict[str, Any]) -> Iterator[bytes]:
+    """vLLM's frames as the worker relayed them; a failure ends the stream with an error object.
+
+    Once the headers are out, the deltas go from the subscriber's reader straight to the
+    client's socket where the server allows it (:mod:`api.generation.relay`); this generator
+    then yields only what the relay hands back (the end, or frames queued while it was off).
+    """
+    relaying = False
     try:
         for event in _chain(first, stream):
             if isinstance(event, events.Delta):
                 if event.frames:  # a progress delta carries tokens only
                     yield event.frames
+                    if not relaying:  # the headers went out with that first write
+                        relaying = True
+                        writer = ChunkWriter.for_environ(environ)
+                        if writer is not None:
+                            job.relay_to(writer)
             elif isinstance(event, events.Done):
                 timer.done()
             elif isinstance(event, events.Error):

@@ -35,8 +35,9 @@ def on_exit(server: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     """Answer requests gunicorn refuses itself (malformed headers, duplicate
     ``Content-Length``, header fields over its limits) in OpenAI's error shape, and
-    give slow clients deadlines for a request's head and body (:mod:`api.http.deadlines`), and
-    write each streamed chunk with one ``send`` (:func:`write_chunk`).
+    give slow clients deadlines for a request's head and body (:mod:`api.http.deadlines`),
+    write each streamed chunk with one ``send`` (:func:`write_chunk`), and let a stream's
+    chunks go straight to its socket (:func:`api.http.socket_writer.capture_response`).
 
     gunicorn writes those pages with ``gunicorn.util.write_error`` (HTML) before any
     WSGI code runs, so the app's error handlers never see them; replacing that one
@@ -44,11 +45,12 @@ def post_worker_init(worker: Any) -> None:
     """
     from gunicorn import util
 
-    from api.http import deadlines  # the worker has loaded the app (and gevent patched) by now
+    from api.http import deadlines, socket_writer  # the worker has loaded the app (and gevent patched) by now
 
     util.write_error = write_openai_error
     util.write_chunk = write_chunk
     deadlines.install(worker, _settings)
+    worker.wsgi = socket_writer.capture_response(worker.wsgi)
 
 
 def write_openai_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:

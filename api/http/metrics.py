@@ -59,8 +59,14 @@ LEDGER_DEAD_LETTERS = Counter(
     "finished batch line).",
     ["stage"], registry=None)
 
+STREAM_RELAY = Counter(
+    "inferq_stream_relay",
+    "Streams whose tokens went from the pub/sub reader straight to the client's socket (relayed), and "
+    "times a client's socket was full, so that its stream's own greenlet wrote the rest (stalled).",
+    ["event"], registry=None)
+
 DEAD_LETTER_STAGES = ("invalid", "sql", "collect")
-OWN_METRICS = (REQUEST_DURATION, TTFT, TOKENS, AUTH_FAILURES, REJECTIONS, LEDGER_DEAD_LETTERS)
+OWN_METRICS = (REQUEST_DURATION, TTFT, TOKENS, AUTH_FAILURES, REJECTIONS, LEDGER_DEAD_LETTERS, STREAM_RELAY)
 
 
 class QueueCollector(Collector):
