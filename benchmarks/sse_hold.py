@@ -107,7 +107,8 @@ async def hold(base: str, api: psutil.Process, connections: int, tokens: int, de
 def main(connections: int, tokens: int, token_delay: float, ramp: float) -> None:
     """Hold CONNECTIONS SSE streams on one API process; report errors and memory per connection."""
     env = {"ENGINE": "scripted", "SERVED_MODEL_NAME": MODEL, "MAX_NUM_SEQS": str(connections),
-           "BATCH_SHARE": "0.01", "MAX_QUEUE_DEPTH": "0", "QUEUE_TIMEOUT": "120", "LOG_LEVEL": "WARNING"}
+           "BATCH_SHARE": "0.01", "MAX_QUEUE_DEPTH": "0", "QUEUE_TIMEOUT": "120", "LOG_LEVEL": "WARNING",
+           "KEY_MAX_STREAMS": str(connections)}  # the one benchmark key holds every stream
     with private_stack(None, 120, api_args=("--connections", str(connections + 200)), env=env) as stack:
         base = stack.base
         api = psutil.Process(stack.api.pid)

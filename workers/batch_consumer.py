@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 #: Called with a message's job id, generation parameters and task keyword arguments.
 Handler = Callable[[str, dict[str, Any], dict[str, Any]], None]
 
+#: Seconds one wait for messages lasts while lines run: a finished line is acknowledged (and its
+#: prefetch slot refilled) when the wait returns.
+BUSY_WAIT = 0.2
+#: ... and while none runs: nothing waits for an acknowledgement then, and each wait costs the
+#: worker's CPU (kombu's poll cycle), so an idle consumer wakes once a second, not five times.
+IDLE_WAIT = 1.0
+
 
 class BatchConsumer:
     """A background consumer of one batch queue, ``slots`` lines at a time."""
@@ -38,6 +45,7 @@ class BatchConsumer:
         self.handle = handle
         self._pool = ThreadPoolExecutor(slots, thread_name_prefix="batch")
         self._finished: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._running = 0  # lines taken and not yet acknowledged (the consumer thread's count)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batch-consumer", daemon=True)
         self._starting = threading.Lock()
@@ -71,7 +79,7 @@ class BatchConsumer:
                 while not self._stop.is_set():
                     self._acknowledge_finished()
                     try:
-                        connection.drain_events(timeout=0.2)
+                        connection.drain_events(timeout=BUSY_WAIT if self._running else IDLE_WAIT)
                     except TimeoutError:
                         pass
                 consumer.cancel()
@@ -88,6 +96,7 @@ class BatchConsumer:
             log.error("dropping a malformed batch message")
             message.ack()
             return
+        self._running += 1
         self._pool.submit(self._execute, message, job_id, params, context)
 
     def _execute(self, message: Message, job_id: str, params: dict[str, Any],
@@ -105,4 +114,5 @@ class BatchConsumer:
                 message = self._finished.get_nowait()
             except queue.Empty:
                 return
+            self._running -= 1
             message.ack()

@@ -100,12 +100,19 @@ def worker(gpus: str | None, tp: int | None, concurrency: int | None, engine: st
         "--hostname", f"{node}.{os.getpid()}@{socket.gethostname()}",
         *(["--task-events"] if settings.worker_task_events else []),
         "--without-mingle", "--without-gossip",
+        "--heartbeat-interval", str(CELERY_HEARTBEAT_INTERVAL),
         "--loglevel", loglevel,
     ]
     try:
         _run_celery(app, argv, log)
     finally:
         runtime.stop()
+
+
+#: Seconds between Celery's worker-heartbeat events (Flower's view of the worker; it counts a worker
+#: gone after twice the interval the worker announces). Celery's default of 2 s made them most of
+#: an idle worker's main-thread CPU; inferq's own liveness is its heartbeat key (WORKER_HEARTBEAT_*).
+CELERY_HEARTBEAT_INTERVAL = 10
 
 
 def _run_celery(app: Celery, argv: list[str], log: logging.Logger) -> None:
