@@ -198,6 +198,9 @@ class Scripted:
     def abort(self, job_id: str) -> bool:
         return False
 
+    def after_burst(self, callback: Any) -> bool:
+        return False
+
     def shutdown(self) -> None:
         pass
 
