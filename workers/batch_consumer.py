@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 #: Called with a message's job id, generation parameters and task keyword arguments.
 Handler = Callable[[str, dict[str, Any], dict[str, Any]], None]
 
-#: Seconds one wait for messages lasts while lines run: a finished line is acknowledged (and its
-#: prefetch slot refilled) when the wait returns.
+#: Seconds one wait for messages lasts while lines run and a slot is free: a line that finishes
+#: meanwhile is acknowledged when the wait returns (with every slot busy, at once).
 BUSY_WAIT = 0.2
 #: ... and while none runs: nothing waits for an acknowledgement then, and each wait costs the
 #: worker's CPU (kombu's poll cycle), so an idle consumer wakes once a second, not five times.
@@ -78,6 +78,11 @@ class BatchConsumer:
             with consumer:
                 while not self._stop.is_set():
                     self._acknowledge_finished()
+                    if self._running >= self.slots:
+                        # Every slot runs a line: kombu takes nothing until one is acknowledged,
+                        # so wait for that, and acknowledge it at once (its slot takes the next).
+                        self._await_finished(IDLE_WAIT)
+                        continue
                     try:
                         connection.drain_events(timeout=BUSY_WAIT if self._running else IDLE_WAIT)
                     except TimeoutError:
@@ -107,6 +112,15 @@ class BatchConsumer:
             log.exception("batch job %s failed", job_id)
         finally:
             self._finished.put(message)
+
+    def _await_finished(self, timeout: float) -> None:
+        """Acknowledge the next line to finish, waiting up to ``timeout`` seconds for it."""
+        try:
+            message = self._finished.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._running -= 1
+        message.ack()
 
     def _acknowledge_finished(self) -> None:
         while True:
