@@ -76,20 +76,3 @@ def test_when_redis_fails_the_job_is_reported_and_its_flush_fails() -> None:
     publisher.send("pub-lost", events.Delta(b"data: y\n\n", 1))  # after its flush: a new start
     assert publisher.flush("pub-lost", timeout=10) is False
     publisher.stop()
-
-
-def test_a_burst_goes_out_in_one_round_trip_once_the_engine_says_it_ended(redis_client: redis.Redis) -> None:
-    jobs = [f"burst-{i}" for i in range(10)]
-    pubsub = _subscribe(redis_client, *jobs)
-    wakes: list = []
-    publisher = DeltaPublisher(redis_client, after_burst=lambda callback: wakes.append(callback) or True)
-    for i in range(3):  # an engine step hands over each job's frames, one job after the other
-        for job_id in jobs:
-            publisher.send(job_id, events.Delta(b"data: %d\n\n" % i, 1))
-    assert len(wakes) == 1  # one wake-up asked for, for the whole burst
-    assert pubsub.get_message(timeout=0.3) is None  # nothing went out before the burst ended
-    wakes.pop()()
-    received = _received(pubsub)
-    for job_id in jobs:  # one message per job
-        assert received[keys.job_events(job_id)] == [events.Delta(b"data: 0\n\ndata: 1\n\ndata: 2\n\n", 3)]
-    publisher.stop()

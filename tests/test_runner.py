@@ -198,9 +198,6 @@ class Scripted:
     def abort(self, job_id: str) -> bool:
         return False
 
-    def after_burst(self, callback: Any) -> bool:
-        return False
-
     def shutdown(self) -> None:
         pass
 

@@ -48,12 +48,6 @@ class Engine(Protocol):
         """Stop generating for ``job_id`` (every sequence of it); False if it is not running here."""
         ...
 
-    def after_burst(self, callback: Callable[[], None]) -> bool:
-        """Called by ``emit``'s receiver on the emitting thread: run ``callback`` once the
-        deltas the engine is handing over now (the rest of this step's) are all out, and say
-        True; False where the engine cannot tell (the caller acts at once)."""
-        ...
-
     def shutdown(self) -> None:
         """Release the engine."""
         ...

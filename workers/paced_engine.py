@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -54,9 +54,7 @@ class PacedEngine(ScriptedEngine):
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._stopped = threading.Event()
-        self._after_step: list[Callable[[], None]] = []  # only the step thread touches it
-        self._step_thread = threading.Thread(target=self._steps, name="paced-engine-steps", daemon=True)
-        self._step_thread.start()
+        threading.Thread(target=self._steps, name="paced-engine-steps", daemon=True).start()
 
     def stream(self, job_id: str, request: JobRequest, emit: EmitCallback | None = None,
                admit: AdmitCallback | None = None, priority: int = 0) -> Iterator[events.TokenEvent]:
@@ -95,14 +93,6 @@ class PacedEngine(ScriptedEngine):
         running.cancelled = True
         return True
 
-    def after_burst(self, callback: Callable[[], None]) -> bool:
-        """On the step thread: run ``callback`` once every stream of this step has emitted (as
-        vLLM's loop does after a step's outputs); elsewhere the scripted engine's answer."""
-        if threading.current_thread() is not self._step_thread:
-            return super().after_burst(callback)
-        self._after_step.append(callback)
-        return True
-
     def shutdown(self) -> None:
         """Stop the step thread."""
         self._stopped.set()
@@ -120,9 +110,6 @@ class PacedEngine(ScriptedEngine):
             emitted = sum(self._advance(s) for s in running)
             self.tokens += emitted
             EMITTED.inc(emitted)
-            callbacks, self._after_step = self._after_step, []
-            for callback in callbacks:
-                callback()
 
     @staticmethod
     def _advance(running: _Stream) -> int:

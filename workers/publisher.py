@@ -6,11 +6,6 @@ publisher thread sends everything that is ready as one pipeline of ``PUBLISH``
 commands: one round trip per engine step, not one per token. Frames of one job
 that arrive while a round trip is under way go out together, as one message.
 
-The publisher thread is woken once the engine has handed over the whole step
-(``after_burst``, see :meth:`workers.engine.Engine.after_burst`), not at the
-step's first frame: woken at once, it would take the GIL from the engine's thread
-mid-step and publish the step in several round trips.
-
 A job's terminal event is published by its runner (atomically with its status),
 after :meth:`DeltaPublisher.flush` has seen the job's last delta out.
 """
@@ -44,15 +39,12 @@ class DeltaPublisher:
     """One thread that publishes the deltas of all of a worker's jobs.
 
     ``on_failure(job_id)`` is called (on the publisher thread) for each job whose deltas
-    Redis refused or could not take; its later deltas are dropped. ``after_burst`` is the
-    engine's :meth:`~workers.engine.Engine.after_burst`.
+    Redis refused or could not take; its later deltas are dropped.
     """
 
-    def __init__(self, client: redis.Redis, on_failure: Callable[[str], object] = lambda job_id: None,
-                 after_burst: Callable[[Callable[[], None]], bool] = lambda callback: False):
+    def __init__(self, client: redis.Redis, on_failure: Callable[[str], object] = lambda job_id: None):
         self.redis = client
         self.on_failure = on_failure
-        self._after_burst = after_burst
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._published = threading.Condition(self._lock)
@@ -76,12 +68,7 @@ class DeltaPublisher:
             pending.tokens += delta.tokens
             if self._idle:
                 self._idle = False
-                if not self._after_burst(self._wake):
-                    self._ready.notify()
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._ready.notify()
+                self._ready.notify()
 
     def flush(self, job_id: str, timeout: float = 30.0) -> bool:
         """Wait until every delta sent for ``job_id`` is published; then forget the job.

@@ -58,7 +58,7 @@ class JobRunner:
         self.settings = settings or get_settings()  # REDIS_WAIT_* for a job's end (finish)
         self.worker_id = worker_id
         self.job_ttl = job_ttl
-        self.publisher = DeltaPublisher(client, on_failure=engine.abort, after_burst=engine.after_burst)
+        self.publisher = DeltaPublisher(client, on_failure=engine.abort)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._cancel_pending: set[str] = set()

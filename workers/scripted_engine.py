@@ -25,7 +25,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from queueing import events
@@ -256,10 +256,6 @@ class ScriptedEngine:
     def _unregister(self, job_id: str) -> None:
         with self._lock:
             self._aborted.pop(job_id, None)
-
-    def after_burst(self, callback: Callable[[], None]) -> bool:
-        """Each request emits on its own thread, with no step to wait for: never deferred."""
-        return False
 
     def abort(self, job_id: str) -> bool:
         """Stop the request at its next token."""

@@ -20,7 +20,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,15 +166,6 @@ class VllmEngine:
             if not ended:
                 future.cancel()  # the consumer went away: abort inside the engine
         yield terminal
-
-    def after_burst(self, callback: Callable[[], None]) -> bool:
-        """On the engine's loop: run ``callback`` after the callbacks ready now. vLLM's output
-        handler hands a step's outputs to every request at once, so their frames are emitted
-        by the tasks of one loop iteration, and ``callback`` runs after them."""
-        if threading.get_ident() != self._thread.ident:
-            return False
-        self._loop.call_soon(callback)
-        return True
 
     def abort(self, job_id: str) -> bool:
         """Abort the job's requests in the engine (every sequence of them); vLLM then finishes
