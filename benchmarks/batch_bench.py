@@ -181,32 +181,40 @@ def same_engine(argv: list[str], stack: PrivateStack, on_cpu: bool) -> dict[str,
 
 
 def cpu_roots(stack: PrivateStack) -> dict[str, list[proc_cpu.Root]]:
-    """The processes of each side: the stack's worker (and its engine), API and Redis; offline, the engine
-    processes under this one (this process itself is the client of both)."""
+    """The processes of each side: the stack's worker (and its engine), API, coordinator and Redis; offline,
+    the engine processes under this one (this process itself is the client of both)."""
     return {"stack": [proc_cpu.Root(stack.worker.pid, "worker", "worker_engine_core", "worker_other"),
-                      proc_cpu.Root(stack.api.pid, "api"), proc_cpu.Root(stack.redis.pid, "redis")],
+                      proc_cpu.Root(stack.api.pid, "api"),
+                      proc_cpu.Root(stack.coordinator.pid, "coordinator"),
+                      proc_cpu.Root(stack.redis.pid, "redis")],
             "offline": [proc_cpu.Root(os.getpid(), "client", "offline_engine_core", "client")]}
 
 
+#: The roles of each side's processes (:func:`cpu_roots`).
+SIDE_ROLES = {"stack": ("worker", "worker_engine_core", "worker_other", "api", "coordinator", "redis"),
+              "offline": ("offline_engine_core", "client")}
+
+
 def measured(roots: dict[str, list[proc_cpu.Root]], side: str, run: Callable[..., tuple[float, int]],
-             *args: Any) -> tuple[tuple[float, int], float]:
-    """``run(*args)``'s (seconds, tokens), and the CPU the *other* side used meanwhile, in % of a core; after
-    ``SETTLE_S`` seconds of quiet, so that the side measured before has stopped (OpenMP threads spin on)."""
+             *args: Any) -> tuple[tuple[float, int], float, dict[str, float]]:
+    """``run(*args)``'s (seconds, tokens), the CPU the *other* side used meanwhile, in % of a core, and the
+    measured side's own CPU per role (% of a core); after ``SETTLE_S`` seconds of quiet, so that the side
+    measured before has stopped (OpenMP threads spin on)."""
     time.sleep(SETTLE_S)
     every = [r for rs in roots.values() for r in rs]  # the stack's trees first: they claim their pids
     before, start = proc_cpu.snapshot(every), time.perf_counter()
     result = run(*args)
     cpu, seconds = proc_cpu.delta(before, proc_cpu.snapshot(every)), time.perf_counter() - start
-    idle_roles = {"offline_engine_core"} if side == "stack" else {"worker", "worker_engine_core",
-                                                                    "worker_other", "api", "redis"}
-    return result, sum(cpu.get(role, 0.0) for role in idle_roles) / seconds * 100
+    idle_roles = {"offline_engine_core"} if side == "stack" else set(SIDE_ROLES["stack"])
+    own = {role: cpu.get(role, 0.0) / seconds * 100 for role in SIDE_ROLES[side]}
+    return result, sum(cpu.get(role, 0.0) for role in idle_roles) / seconds * 100, own
 
 
 # --- the run ------------------------------------------------------------------
 
 
 def pair_figures(stack: tuple[float, int], offline: tuple[float, int] | None, idle: dict[str, float],
-                 load: float) -> dict[str, float | None]:
+                 load: float, own: dict[str, float]) -> dict[str, float | None]:
     """One (stack run, offline run) pair: tokens/s, seconds, the ratio, the idle side's CPU."""
     stack_tokens_per_s = stack[1] / stack[0]
     offline_tokens_per_s = offline[1] / offline[0] if offline else None
@@ -217,6 +225,7 @@ def pair_figures(stack: tuple[float, int], offline: tuple[float, int] | None, id
     figs["idle_offline_cpu_pct"] = idle.get("offline")  # the offline engine while the stack ran
     figs["idle_stack_cpu_pct"] = idle.get("stack")
     figs["load_average_1m"] = load
+    figs.update({f"cpu_pct_{role}": pct for role, pct in own.items()})  # each side's own run
     return figs
 
 
@@ -229,7 +238,9 @@ def pair_line(pair: int, f: dict[str, float | None], poll: float) -> str:
             f"every {poll} s), offline {_f(f['offline_tokens_per_s'])} tok/s ({_f(f['offline_seconds'])} s), "
             f"ratio {_f(f['ratio_tokens_per_s'], '{:.3f}')}; idle side's CPU: offline "
             f"{_f(f['idle_offline_cpu_pct'])} %, stack {_f(f['idle_stack_cpu_pct'])} % of a core; "
-            f"load {_f(f['load_average_1m'], '{:.2f}')}")
+            f"load {_f(f['load_average_1m'], '{:.2f}')}; CPU % of a core during its own run: "
+            + ", ".join(f"{role} {_f(f.get(f'cpu_pct_{role}'))}" for roles in SIDE_ROLES.values()
+                        for role in roles))
 
 
 @dataclass
@@ -266,14 +277,16 @@ class Run:
         """Stack, offline, stack, offline ...: each pair on its own prompts, the same on both sides."""
         for pair in range(1, self.pairs + 1):
             prompts, idle = _prompts(self.lines, str(pair)), {}
-            stack, idle["offline"] = measured(roots, "stack", run_batch, client, base, model, prompts,
-                                              self.max_tokens, self.poll)
+            stack, idle["offline"], own = measured(roots, "stack", run_batch, client, base, model, prompts,
+                                                   self.max_tokens, self.poll)
             off = None
             if offline is None:
                 del idle["offline"]  # no offline engine to be idle
             else:
-                off, idle["stack"] = measured(roots, "offline", offline.generate, prompts, self.max_tokens)
-            self.figures.append(f := pair_figures(stack, off, idle, os.getloadavg()[0]))
+                off, idle["stack"], offline_own = measured(roots, "offline", offline.generate, prompts,
+                                                           self.max_tokens)
+                own.update(offline_own)
+            self.figures.append(f := pair_figures(stack, off, idle, os.getloadavg()[0], own))
             console.print(pair_line(pair, f, self.poll))
         if self.probe_lines:
             run_batch(client, base, model, _prompts(self.probe_lines, "p"), self.max_tokens, self.poll,
