@@ -58,4 +58,4 @@ def test_lines_run_once_each_within_the_slots_and_a_freed_slot_is_refilled_at_on
     assert elapsed < 4.5  # 4 waves of 0.1 s, not a 5 s poll per wave
     assert redis_client.llen(keys.batch_queue(model)) == 0
     unacked = redis_client.hvals("unacked")  # kombu's: every line acknowledged, none comes back
-    assert not [entry for entry in unacked if model.encode() in entry]
+    assert not [entry for entry in unacked if model in str(entry)]
