@@ -60,7 +60,7 @@ class Relay:
         except events.EventDecodeError:
             parts = None  # the stream's greenlet raises it, in order
         if parts is None:
-            self._stop()
+            self.stop()
             self._subscription.enqueue(raw)
             return
         self.tokens += parts[0]
@@ -73,14 +73,11 @@ class Relay:
             metrics.STREAM_RELAY.labels("stalled").inc()
         except Exception as exc:  # noqa: BLE001 - the client is gone (OSError): the greenlet raises it
             self._failure = exc
-        self._stop()
+        self.stop()
         self._subscription.wake()
 
     def stop(self) -> None:
         """Queue every later event for the stream's greenlet again."""
-        self._stop()
-
-    def _stop(self) -> None:
         if self._on:
             self._on = False
             self._subscription.divert(None)
