@@ -26,6 +26,11 @@ RESPONSE = "inferq.gunicorn_response"
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
+def frame_chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk (size line, data, CRLF)."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
 def capture_response(app: _WSGIApp) -> _WSGIApp:
     """Wrap a WSGI app so each request's environ holds gunicorn's response object (the
     owner of ``start_response``), which knows whether the body is chunked and counts the
@@ -84,7 +89,7 @@ class ChunkWriter:
         """Write ``data`` as one chunk as far as the socket takes it now; ``False`` if some
         is left for :meth:`flush` (nothing more may be written before it). ``OSError`` if
         the client is gone."""
-        chunk = b"%X\r\n%s\r\n" % (len(data), data)
+        chunk = frame_chunk(data)
         self._response.sent += len(data)
         try:
             sent = self._send(chunk)
