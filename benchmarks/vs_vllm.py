@@ -27,7 +27,9 @@ not being measured is idle; its CPU during the other's run is printed, so an eng
 busy-polls while idle shows.
 
 Per level it prints each pair, the median and the spread (min..max) of every figure,
-including the inferq/vLLM ratios and "worker CPU/token ÷ vLLM API server CPU/token";
+including the inferq/vLLM ratios and "worker CPU/token ÷ vLLM API server CPU/token", and
+where each side's server process spends it, per thread (:mod:`benchmarks.thread_cpu`: vLLM's
+loop, the delta publisher, Celery's consumer and task threads ...);
 the last line of output is the result as one JSON object (``--json-out`` also writes
 every run's full report). Run it from the repository root.
 """
@@ -58,7 +60,15 @@ from rich.console import Console
 
 from benchmarks import proc_cpu
 from benchmarks.stack import BENCH_KEY, private_stack
-from benchmarks.vs_vllm_report import level_summary, level_table, pair_figures, pair_line, spread
+from benchmarks.thread_cpu import ThreadWindow
+from benchmarks.vs_vllm_report import (
+    level_summary,
+    level_table,
+    pair_figures,
+    pair_line,
+    spread,
+    thread_table,
+)
 from config import Settings, get_settings
 from inferq.launcher import free_port
 from loadtest import driver, stats
@@ -227,9 +237,11 @@ def tokens_in_window(results: list[RequestResult], opened: float) -> int:
 
 
 def run_once(base_url: str, model: str, concurrency: int, n_requests: int, opts: dict[str, Any],
-             roots: dict[str, list[proc_cpu.Root]], on_tick: Callable[[str], None]) -> dict[str, Any]:
+             roots: dict[str, list[proc_cpu.Root]], thread_pid: int, on_tick: Callable[[str], None]
+             ) -> dict[str, Any]:
     """One closed-loop run at ``concurrency``: warm-up, then ``n_requests`` measured, with the CPU of
-    every process (both sides) read when the measured part opens and when the run ends."""
+    every process (both sides) read when the measured part opens and when the run ends, and that of
+    each thread of ``thread_pid`` (the measured side's server process)."""
     config = DriverConfig(base_url=base_url + "/v1", api_key=BENCH_KEY, model=model, mode="chat-stream",
                           stream=True, concurrency=concurrency, requests=n_requests, warmup=opts["warmup"],
                           ignore_eos=True, temperature=1.0, timeout=opts["timeout"], seed=opts["seed"])
@@ -237,6 +249,7 @@ def run_once(base_url: str, model: str, concurrency: int, n_requests: int, opts:
     state = RunState(warmup=config.warmup, requests=n_requests)
     everything = [root for rs in roots.values() for root in rs]
     marks: dict[str, Any] = {}
+    threads = ThreadWindow(thread_pid)
 
     async def go() -> None:
         async def ticker() -> None:
@@ -249,9 +262,11 @@ def run_once(base_url: str, model: str, concurrency: int, n_requests: int, opts:
         try:
             await asyncio.sleep(0)  # run() has set state.started
             await asyncio.sleep(max(0.0, state.measure_start - time.perf_counter()))
+            threads.open()
             marks["opened"], marks["before"] = time.perf_counter(), proc_cpu.snapshot(everything)
             await run
             marks["closed"], marks["after"] = time.perf_counter(), proc_cpu.snapshot(everything)
+            marks["threads"] = threads.close()
         finally:
             tick.cancel()
             run.cancel()
@@ -268,7 +283,8 @@ def run_once(base_url: str, model: str, concurrency: int, n_requests: int, opts:
     rep["cpu_window"] = {"seconds": round(window, 3),
                          "tokens": tokens_in_window(state.results, marks["opened"] - state.started),
                          "cpu_s": {role: round(v, 4) for role, v in sorted(cpu.items())},
-                         "pids": proc_cpu.roles_of(marks["after"])}
+                         "pids": proc_cpu.roles_of(marks["after"]),
+                         "threads": {"pid": thread_pid, "cpu_s": marks["threads"]}}
     rep["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return rep
 
@@ -341,6 +357,7 @@ def main(levels: str, pairs: int, n_requests: int | None, prompt_words: int, max
             roots = cpu_roots(vproc.pid, {"worker": stack.worker.pid, "api": stack.api.pid,
                                           "redis": stack.redis.pid})
             bases = {"vllm": vbase, "inferq": stack.base}
+            servers = {"vllm": vproc.pid, "inferq": stack.worker.pid}  # their threads are read too
             measured = describe_roles(roots)
             for c in concurrencies:
                 n = n_requests or max(16, 4 * c)
@@ -350,7 +367,7 @@ def main(levels: str, pairs: int, n_requests: int | None, prompt_words: int, max
                     for side in SIDES:  # A B: the other side is up and idle meanwhile
                         console.print(f"  c={c} pair {pair}: {side}")
                         reps[side] = run_once(bases[side], s.served_model_name, c, n, opts, roots,
-                                              console.print)
+                                              servers[side], console.print)
                     results[c].append(reps)
                     figures[c].append(f := pair_figures(reps["vllm"], reps["inferq"]))
                     console.print(pair_line(c, pair, f, reps["inferq"]["load_average_after"]))
@@ -362,6 +379,7 @@ def main(levels: str, pairs: int, n_requests: int | None, prompt_words: int, max
     for c in concurrencies:
         st = spread(figures[c])
         console.print(level_table(c, figures[c], st, title))
+        console.print(thread_table(c, results[c]))
         for line in level_summary(c, figures[c], st):
             console.print(line)
         out_levels[str(c)] = {"requests": n_requests or max(16, 4 * c), "pairs": figures[c], "stats": st}

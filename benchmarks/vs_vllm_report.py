@@ -127,3 +127,31 @@ def level_summary(c: int, figs: list[dict[str, float | None]], st: dict[str, dic
         lines.append(f"[yellow]c={c}: the idle side used up to {idle:.1f} % of a core while the other "
                      "was measured[/]")
     return lines
+
+
+def thread_table(level: int, runs: list[dict[str, dict[str, Any]]], top: int = 8) -> Table:
+    """Where each side's server process spends its CPU, per thread group: median µs per output token
+    over the pairs (vLLM's API server, inferq's worker), heaviest groups first."""
+    table = Table(title=f"concurrency {level}: server process CPU µs per output token, by thread (median)",
+                  title_justify="left")
+    columns: dict[str, list[tuple[str, float]]] = {}
+    for side, label in (("vllm", "vLLM API server"), ("inferq", "inferq worker")):
+        per_group: dict[str, list[float]] = {}
+        for pair in runs:
+            win = pair[side]["cpu_window"]
+            tokens = max(win["tokens"], 1)
+            for group, seconds in win.get("threads", {}).get("cpu_s", {}).items():
+                per_group.setdefault(group, []).append(seconds * 1e6 / tokens)
+        medians = {g: statistics.median(v + [0.0] * (len(runs) - len(v))) for g, v in per_group.items()}
+        ranked = sorted(medians.items(), key=lambda kv: -kv[1])
+        rest = sum(v for _, v in ranked[top:])
+        columns[label] = ranked[:top] + ([(f"{len(ranked) - top} others", rest)] if len(ranked) > top else [])
+        columns[label].append(("all threads", sum(medians.values())))
+        table.add_column(label)
+        table.add_column("µs", justify="right")
+    for i in range(max(len(v) for v in columns.values())):
+        row: list[str] = []
+        for cells in columns.values():
+            row += [cells[i][0], f"{cells[i][1]:.1f}"] if i < len(cells) else ["", ""]
+        table.add_row(*row)
+    return table

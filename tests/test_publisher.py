@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 
 import redis
+from prometheus_client import REGISTRY
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from queueing import events, keys
 from tests.conftest import free_port
-from workers.publisher import DeltaPublisher
+from workers.publisher import DeltaPublisher, _Pending
 
 
 def _subscribe(client: redis.Redis, *job_ids: str) -> redis.client.PubSub:
@@ -31,10 +32,15 @@ def _received(pubsub: redis.client.PubSub) -> dict[str, list[events.Delta]]:
     return out
 
 
+def _round_trips() -> float:
+    return REGISTRY.get_sample_value("inferq_worker_publish_seconds_count") or 0.0
+
+
 def test_every_jobs_deltas_arrive_in_order_and_flush_waits_for_them(redis_client: redis.Redis) -> None:
     jobs = [f"pub-{i}" for i in range(20)]
     pubsub = _subscribe(redis_client, *jobs)
     publisher = DeltaPublisher(redis_client)
+    round_trips = _round_trips()
 
     def job(job_id: str) -> None:
         for i in range(50):
@@ -52,7 +58,28 @@ def test_every_jobs_deltas_arrive_in_order_and_flush_waits_for_them(redis_client
         assert b"".join(d.frames for d in deltas) == b"".join(b"data: %d\n\n" % i for i in range(50))
         assert sum(d.tokens for d in deltas) == 50
     messages = sum(len(d) for d in received.values())
-    assert messages < 20 * 50  # deltas that were ready together went out as one message
+    assert messages < 20 * 50  # a job's deltas that were ready together went out as one message
+    assert _round_trips() - round_trips < messages  # and several jobs' messages in one round trip
+    publisher.stop()
+
+
+def test_several_jobs_in_one_round_trip_keep_their_channels_and_order(redis_client: redis.Redis) -> None:
+    jobs = [f"pub-many-{i}" for i in range(3)]
+    pubsub = _subscribe(redis_client, *jobs)
+    publisher = DeltaPublisher(redis_client)
+    evals = redis_client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
+    with publisher._lock:  # hold the thread until all three jobs' deltas wait: one round trip
+        for i in range(4):
+            for job_id in jobs:
+                publisher._pending.setdefault(job_id, _Pending()).frames.append(b"data: %d\n\n" % i)
+                publisher._pending[job_id].tokens += 1
+        publisher._ready.notify()
+    assert all(publisher.flush(job_id) for job_id in jobs)
+    received = _received(pubsub)
+    assert redis_client.info("commandstats")["cmdstat_eval"]["calls"] == evals + 1
+    for job_id in jobs:
+        frames = b"".join(b"data: %d\n\n" % i for i in range(4))
+        assert received[keys.job_events(job_id)] == [events.Delta(frames, 4)]
     publisher.stop()
 
 

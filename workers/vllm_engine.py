@@ -90,6 +90,7 @@ class VllmEngine:
         engine_meter.meter(engine)
         tasks = await engine.get_supported_tasks()
         app = build_app(args, tasks, engine.model_config)
+        without_http_middleware(app)
         await init_app_state(engine, app.state, args, tasks)
         return app, engine
 
@@ -192,6 +193,20 @@ class VllmEngine:
             del engine  # let AsyncLLM.__del__ run now, not during interpreter teardown
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+#: vLLM's middleware that concerns a network HTTP server only: CORS answers browsers (an in-process
+#: request has no ``Origin``), and the Prometheus instrumentator times HTTP requests for vLLM's
+#: ``/metrics``, which the worker does not serve (its jobs have metrics of their own). Each wraps
+#: every chunk a stream sends, on the engine's loop.
+HTTP_ONLY_MIDDLEWARE = frozenset({"CORSMiddleware", "PrometheusInstrumentatorMiddleware"})
+
+
+def without_http_middleware(app: Any) -> None:
+    """Drop :data:`HTTP_ONLY_MIDDLEWARE` from vLLM's app (before its first request builds the stack);
+    the rest (its exception handlers, scaling and authentication middleware) stays as vLLM's server has it."""
+    app.user_middleware[:] = [m for m in app.user_middleware if m.cls.__name__ not in HTTP_ONLY_MIDDLEWARE]
+    app.middleware_stack = None
 
 
 class _Job:
