@@ -196,9 +196,9 @@ class VllmEngine:
 
 
 #: vLLM's middleware that concerns a network HTTP server only: CORS answers browsers (an in-process
-#: request has no ``Origin``), and the Prometheus instrumentator times HTTP requests for vLLM's
-#: ``/metrics``, which the worker does not serve (its jobs have metrics of their own). Each wraps
-#: every chunk a stream sends, on the engine's loop.
+#: request has no ``Origin``), and the Prometheus instrumentator counts HTTP requests, which in the
+#: worker would only count its own in-process calls again (its job metrics count the jobs). Each
+#: wraps every chunk a stream sends, on the engine's loop.
 HTTP_ONLY_MIDDLEWARE = frozenset({"CORSMiddleware", "PrometheusInstrumentatorMiddleware"})
 
 
