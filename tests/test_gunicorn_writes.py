@@ -1,4 +1,4 @@
-"""The API's chunk writer (``api.http.gunicorn_conf.write_chunk``): every byte of every chunk
+"""The API's chunk writer (``api.http.socket_writer.write_chunk``): every byte of every chunk
 arrives, framed as HTTP/1.1 chunked encoding, also when the client's buffer is full."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from api.http.gunicorn_conf import write_chunk
+from api.http.socket_writer import write_chunk
 
 
 def received(sock: socket.socket, pause: float) -> bytes:

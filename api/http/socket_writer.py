@@ -31,6 +31,22 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%X\r\n%s\r\n" % (len(data), data)
 
 
+def write_chunk(sock: Any, data: bytes | str) -> None:
+    """gunicorn's ``write_chunk`` (one chunk of a chunked response: every SSE event), with one
+    ``send`` where it fits the socket's buffer, as it does unless the client lags.
+
+    gevent's ``sendall`` asks the kernel for the socket's buffer size (``getsockopt``) and
+    reads the clock on every call; for a streamed token that was half the cost of its write
+    (measured: 5.1-6.4 µs per write against 2.7-3.2 µs).
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    chunk = frame_chunk(data)
+    sent = sock.send(chunk)  # under gevent: waits (the socket's timeout) while the buffer is full
+    if sent < len(chunk):
+        sock.sendall(memoryview(chunk)[sent:])
+
+
 def capture_response(app: _WSGIApp) -> _WSGIApp:
     """Wrap a WSGI app so each request's environ holds gunicorn's response object (the
     owner of ``start_response``), which knows whether the body is chunked and counts the
