@@ -181,6 +181,21 @@ def test_a_chat_request_overtakes_batch_lines_waiting_in_the_engine(redis_url, a
     assert max(finished.values()) > short_ended  # and before the backlog
 
 
+def test_a_buffered_answer_outlasting_the_deadlines_is_kept_alive_by_progress(real_stack, app_config):
+    """vLLM writes a non-streamed answer only at its end; meanwhile the worker reports the tokens
+    generated each second (one timer on the engine's loop), which keeps the API's deadlines off."""
+    from api import create_app
+
+    app = create_app({**app_config, "served_model_name": MODEL, "queue_timeout": 3.0, "idle_timeout": 3.0})
+    started = time.monotonic()
+    resp = app.test_client().post("/v1/chat/completions", headers={"Authorization": f"Bearer {TEST_KEY}"},
+                                  json={"model": MODEL, "max_tokens": 400, "ignore_eos": True,
+                                        "messages": [{"role": "user", "content": "Tell me a long story."}]})
+    assert resp.status_code == 200, resp.json
+    assert resp.json["usage"]["completion_tokens"] == 400
+    assert time.monotonic() - started > 4.0, "too fast to show the deadlines were outlasted: inconclusive"
+
+
 def test_wrong_key(stack):
     bad = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key="iq-not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

@@ -117,3 +117,17 @@ def meter(engine: Any) -> None:
             await outputs.aclose()  # a consumer that stopped early aborts the request in the engine
 
     engine.generate = generate
+
+
+def generated_so_far(engine: Any, meter: JobMeter) -> int:
+    """Tokens the engine has generated for ``meter``'s requests so far, read from vLLM's output
+    processor. A buffered answer's outputs reach the meter only at its end (vLLM asks the engine for
+    the final output only), so this is how its progress is seen; 0 where vLLM keeps no such state."""
+    try:
+        processor = engine.output_processor
+        by_external = processor.external_req_ids
+        internal_ids = [i for external in meter.request_ids for i in by_external.get(external, ())]
+        states = [processor.request_states.get(internal) for internal in internal_ids]
+        return sum(state.detokenizer.num_output_tokens() for state in states if state is not None)
+    except AttributeError:  # another vLLM's internals: only the meter's own count then
+        return 0

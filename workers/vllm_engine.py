@@ -1,7 +1,7 @@
 """The real engine: one ``AsyncLLM`` per worker process, answering through vLLM's own OpenAI app.
 
 The worker builds vLLM's OpenAI server application (``build_app`` + ``init_app_state``,
-as ``vllm serve`` does) on its in-process engine, on a private asyncio loop thread,
+as ``vllm serve`` does) on its in-process engine, on a private uvloop loop thread,
 and calls it in-process for each job (:mod:`workers.asgi_call`). Every request field
 vLLM's server accepts therefore works and is answered identically: tools, structured
 outputs, logprobs, ``n``, the Responses API, tokenization. Celery task threads call
@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import uvloop
+
 from config import Settings
 from queueing import events
 from queueing.jobs import JobRequest
@@ -41,7 +43,8 @@ _CANCELLED = object()
 PRIORITY_HEADER = "X-Vllm-Priority"  # vLLM's own: it overrides a body's "priority"
 #: Seconds between progress deltas (no frames, the tokens generated) while vLLM writes nothing,
 #: as it does until the end of a buffered answer: the API's idle deadline and a dead worker's
-#: settlement go by them.
+#: settlement go by them. One timer on the engine's loop reports every job's progress, so a job's
+#: own thread sleeps until its answer ends instead of waking each interval.
 PROGRESS_INTERVAL = 1.0
 
 
@@ -56,14 +59,15 @@ class VllmEngine:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()  # vLLM's server runs on uvloop too; it costs less per token
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
         self._thread.start()
-        self._running: dict[str, tuple[concurrent.futures.Future[None], JobMeter]] = {}
+        self._running: dict[str, tuple[concurrent.futures.Future[None], _Job]] = {}
         self._lock = threading.Lock()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
         self._app, self._engine = self._run(self._build()).result()
         self._models = self._run(self._get("/v1/models")).result()
+        self._loop.call_soon_threadsafe(self._report_progress)
 
     def _run(self, coro: Any) -> concurrent.futures.Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -137,6 +141,7 @@ class VllmEngine:
                 log.exception("vLLM's app failed")
             out.put(_FAILED)
         finally:
+            job.ended = True  # no progress deltas after its end
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 out.put(_CANCELLED)
@@ -151,8 +156,10 @@ class VllmEngine:
         job = _Job(JobMeter(admit=admit), StreamFrames(strip_usage), emit)
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         future = self._run(self._serve(job_id, request, body, priority, job, outputs))
+        # A request cancelled before its task first ran never reaches _serve's own end.
+        future.add_done_callback(lambda _: outputs.put(_END))
         with self._lock:
-            self._running[job_id] = (future, job.meter)
+            self._running[job_id] = (future, job)
         return self._relay(job_id, future, job, outputs)
 
     def _relay(self, job_id: str, future: concurrent.futures.Future[None], job: _Job,
@@ -178,12 +185,21 @@ class VllmEngine:
         self._loop.call_soon_threadsafe(self._abort, *running)
         return True
 
-    def _abort(self, future: concurrent.futures.Future[None], meter: JobMeter) -> None:
+    def _abort(self, future: concurrent.futures.Future[None], job: _Job) -> None:
+        meter = job.meter
         meter.cancelled = True
         if meter.request_ids:
             self._loop.create_task(self._engine.abort(list(meter.request_ids)))
         elif meter.prompt_tokens == 0:  # no prompt admitted yet: stop preparing it
             future.cancel()
+
+    def _report_progress(self) -> None:
+        """On the loop, every :data:`PROGRESS_INTERVAL`: each running job's tokens that no frame carried."""
+        with self._lock:
+            jobs = [job for _, job in self._running.values()]
+        for job in jobs:
+            job.report_progress(engine_meter.generated_so_far(self._engine, job.meter))
+        self._loop.call_later(PROGRESS_INTERVAL, self._report_progress)
 
     def shutdown(self) -> None:
         """Stop the engine core process and the loop thread."""
@@ -210,34 +226,35 @@ def without_http_middleware(app: Any) -> None:
 
 
 class _Job:
-    """One job's state, shared by the engine's loop (its frames) and the worker thread that waits
-    for its end (progress while vLLM writes nothing)."""
+    """One job's state on the engine's loop: its frames, and the tokens they have carried."""
 
     def __init__(self, meter: JobMeter, frames: StreamFrames, emit: EmitCallback):
         self.meter, self.frames, self.emit = meter, frames, emit
+        self.ended = False  # vLLM's app has answered: nothing more is emitted
         self._sent = 0
-        self._lock = threading.Lock()
 
-    def new_tokens(self) -> int:
-        """Tokens generated since the previous call."""
-        with self._lock:
-            tokens, self._sent = self.meter.completion_tokens - self._sent, self.meter.completion_tokens
-            return tokens
+    def new_tokens(self, generated: int = 0) -> int:
+        """Tokens generated (the meter's count, or ``generated`` if more) that no delta has carried yet
+        (on the loop only)."""
+        total = max(self.meter.completion_tokens, generated)
+        tokens, self._sent = max(total - self._sent, 0), max(total, self._sent)
+        return tokens
+
+    def report_progress(self, generated: int) -> None:
+        """Emit the tokens generated since the last delta as a progress delta (on the loop only);
+        ``generated``: the engine's own count so far, ahead of the meter's for a buffered answer."""
+        if not self.ended and self.meter.refusal is None and (tokens := self.new_tokens(generated)):
+            self.emit(events.Delta(b"", tokens))
 
 
 def _end(outputs: queue.SimpleQueue[Any], job: _Job) -> events.TerminalEvent:
-    """Waits for the app's answer to end (emitting progress meanwhile); the terminal event."""
+    """Waits for the app's answer to end; the terminal event."""
     meter = job.meter
     start = _Start(0, False)
     buffered: list[bytes] = []
     failed = cancelled = False
     while True:
-        try:
-            item = outputs.get(timeout=PROGRESS_INTERVAL)
-        except queue.Empty:
-            if meter.refusal is None and (tokens := job.new_tokens()):
-                job.emit(events.Delta(b"", tokens))
-            continue
+        item = outputs.get()
         if item is _END:
             break
         if item is _FAILED:
