@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 
 import redis
 from prometheus_client import REGISTRY
@@ -85,35 +83,6 @@ def test_several_jobs_in_one_round_trip_keep_their_channels_and_order(redis_clie
         start = 0 if job_id == jobs[0] else 1
         assert b"".join(d.frames for d in deltas) == b"".join(b"data: %d\n\n" % i for i in range(start, 4))
         assert len(deltas) <= 2
-    publisher.stop()
-
-
-def test_on_an_event_loop_the_callbacks_ready_together_go_out_in_one_round_trip(
-        redis_client: redis.Redis) -> None:
-    # vLLM's output handler makes a step's jobs ready together; each job's task sends its frames.
-    # The publisher waits for all of them (it would otherwise take the first job's frames alone
-    # while the next task runs: the sleep lets it).
-    jobs = [f"pub-step-{i}" for i in range(6)]
-    pubsub = _subscribe(redis_client, *jobs)
-    publisher = DeltaPublisher(redis_client)
-    round_trips = _round_trips()
-
-    def job_task(job_id: str) -> None:
-        publisher.send(job_id, events.Delta(b"data: " + job_id.encode() + b"\n\n", 1))
-        time.sleep(0.02)
-
-    async def step() -> None:
-        loop = asyncio.get_running_loop()
-        for job_id in jobs:
-            loop.call_soon(job_task, job_id)
-        await asyncio.sleep(0.3)
-
-    asyncio.run(step())
-    assert all(publisher.flush(job_id) for job_id in jobs)
-    assert _round_trips() - round_trips == 1
-    received = _received(pubsub)
-    assert {channel: [d.frames for d in deltas] for channel, deltas in received.items()} == {
-        keys.job_events(job_id): [b"data: " + job_id.encode() + b"\n\n"] for job_id in jobs}
     publisher.stop()
 
 

@@ -6,11 +6,6 @@ publisher thread sends everything that is ready in one round trip: one round tri
 per engine step, not one per token. Frames of one job that arrive while a round trip
 is under way go out together, as one message.
 
-On an asyncio loop (vLLM's), the first ``send`` of a step wakes the publisher only
-once the loop has run the callbacks that were ready with it: the step's other jobs,
-which vLLM's output handler made ready together. The step then goes out in one round
-trip, instead of the publisher taking the GIL (and a round trip) mid-step.
-
 A job's terminal event is published by its runner (atomically with its status),
 after :meth:`DeltaPublisher.flush` has seen the job's last delta out.
 
@@ -26,7 +21,6 @@ fails is retried as redis-py retries a pipeline (the client's retry policy).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -87,15 +81,7 @@ class DeltaPublisher:
             pending.tokens += delta.tokens
             if self._idle:
                 self._idle = False
-                loop = asyncio._get_running_loop()
-                if loop is None:
-                    self._ready.notify()
-                else:  # after the callbacks ready now: the rest of this engine step
-                    loop.call_soon(self._wake)
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._ready.notify()
+                self._ready.notify()
 
     def flush(self, job_id: str, timeout: float = 30.0) -> bool:
         """Wait until every delta sent for ``job_id`` is published; then forget the job.
