@@ -116,7 +116,7 @@ class VllmEngine:
 
         def on_start(status: int, headers: list[tuple[bytes, bytes]]) -> None:
             nonlocal sse
-            sse = dict(headers).get(b"content-type", b"").startswith(b"text/event-stream")
+            sse = job.streamed = dict(headers).get(b"content-type", b"").startswith(b"text/event-stream")
             out.put(_Start(status, sse))
 
         def on_body(chunk: bytes) -> None:  # on the loop: a stream's frames go out from here
@@ -197,8 +197,8 @@ class VllmEngine:
         """On the loop, every :data:`PROGRESS_INTERVAL`: each running job's tokens that no frame carried."""
         with self._lock:
             jobs = [job for _, job in self._running.values()]
-        for job in jobs:
-            job.report_progress(engine_meter.generated_so_far(self._engine, job.meter))
+        for job in jobs:  # a stream's meter counts each step; a buffered answer's sees only its end
+            job.report_progress(0 if job.streamed else engine_meter.generated_so_far(self._engine, job.meter))
         self._loop.call_later(PROGRESS_INTERVAL, self._report_progress)
 
     def shutdown(self) -> None:
@@ -231,6 +231,7 @@ class _Job:
     def __init__(self, meter: JobMeter, frames: StreamFrames, emit: EmitCallback):
         self.meter, self.frames, self.emit = meter, frames, emit
         self.ended = False  # vLLM's app has answered: nothing more is emitted
+        self.streamed = False  # vLLM answers with SSE: its frames carry the tokens as they come
         self._sent = 0
 
     def new_tokens(self, generated: int = 0) -> int:
@@ -242,7 +243,7 @@ class _Job:
 
     def report_progress(self, generated: int) -> None:
         """Emit the tokens generated since the last delta as a progress delta (on the loop only);
-        ``generated``: the engine's own count so far, ahead of the meter's for a buffered answer."""
+        ``generated``: the engine's own count so far, if the meter's may lag behind it."""
         if not self.ended and self.meter.refusal is None and (tokens := self.new_tokens(generated)):
             self.emit(events.Delta(b"", tokens))
 
