@@ -236,7 +236,8 @@ class _Job:
 
     def new_tokens(self, generated: int = 0) -> int:
         """Tokens generated (the meter's count, or ``generated`` if more) that no delta has carried yet
-        (on the loop only)."""
+        (on the loop only). Never negative: the engine's count drops a prompt's tokens once that
+        prompt ends (a request of several prompts), until the meter gets its final output."""
         total = max(self.meter.completion_tokens, generated)
         tokens, self._sent = max(total - self._sent, 0), max(total, self._sent)
         return tokens
