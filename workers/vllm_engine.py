@@ -112,12 +112,11 @@ class VllmEngine:
                      out: queue.SimpleQueue[Any]) -> None:
         meter = job.meter
         engine_meter.current.set(meter)
-        sse = failed = False
+        failed = False
 
         def on_start(status: int, headers: list[tuple[bytes, bytes]]) -> None:
-            nonlocal sse
-            sse = job.streamed = dict(headers).get(b"content-type", b"").startswith(b"text/event-stream")
-            out.put(_Start(status, sse))
+            job.streamed = dict(headers).get(b"content-type", b"").startswith(b"text/event-stream")
+            out.put(_Start(status, job.streamed))
 
         def on_body(chunk: bytes) -> None:  # on the loop: a stream's frames go out from here
             nonlocal failed
@@ -126,7 +125,7 @@ class VllmEngine:
                 out.put(_FAILED)
             if failed:
                 return
-            if not sse:
+            if not job.streamed:
                 out.put(chunk)
             elif job.frames.keep(chunk) and meter.refusal is None:
                 job.emit(events.Delta(chunk, job.new_tokens()))
